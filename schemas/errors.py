@@ -1,0 +1,20 @@
+"""Stable, machine-readable error codes: the `error.code` of a failure reply."""
+
+from enum import StrEnum
+
+__all__ = ["ErrorCode"]
+
+
+class ErrorCode(StrEnum):
+    """Every code a reply, an event or a dead letter can carry.
+
+    Values are wire literals: never rename one, only add.
+    """
+
+    INVALID_COMMAND = "invalid_command"
+    AGENT_NOT_FOUND = "agent_not_found"
+    BUDGET_NOT_FOUND = "budget_not_found"
+    INSUFFICIENT_BUDGET = "insufficient_budget"
+    CONFLICT = "conflict"
+    BALANCE_OVERFLOW = "balance_overflow"
+    DATABASE_REJECTED = "database_rejected"

@@ -1,0 +1,100 @@
+"""Replies published to a command's ``reply_to``, and events on ``budget.events``."""
+
+import json
+from datetime import datetime
+from typing import Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .commands import AgentId, CommandType
+from .errors import ErrorCode
+
+__all__ = [
+    "BudgetView",
+    "ErrorBody",
+    "ErrorReply",
+    "OkReply",
+    "RefusedEvent",
+    "Reply",
+    "ValidationIssue",
+    "encode_reply",
+    "parse_reply",
+]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetView(_Wire):
+    """An agent's budget. The token fields are null only in the reply to
+    ``register_agent`` for an agent that has no budget yet."""
+
+    agent_id: AgentId
+    allocated_tokens: int | None
+    used_tokens: int | None
+    available_tokens: int | None
+
+
+class OkReply(_Wire):
+    """Success: the budget after the command (see ``BudgetView``)."""
+
+    ok: Literal[True] = True
+    agent_id: AgentId
+    allocated_tokens: int | None
+    used_tokens: int | None
+    available_tokens: int | None
+
+    def view(self) -> BudgetView:
+        return BudgetView.model_validate(self.model_dump(exclude={"ok"}))
+
+
+class ValidationIssue(_Wire):
+    loc: str
+    msg: str
+
+
+class ErrorBody(_Wire):
+    code: ErrorCode
+    message: str
+    #: insufficient_budget: what was asked for and what was left.
+    requested_tokens: int | None = None
+    available_tokens: int | None = None
+    #: invalid_command: each problem found in the message.
+    errors: list[ValidationIssue] | None = None
+
+
+class ErrorReply(_Wire):
+    ok: Literal[False] = False
+    error: ErrorBody
+
+
+Reply: TypeAlias = OkReply | ErrorReply
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """The reply's body; absent error details are left out, not sent as null."""
+    if isinstance(reply, ErrorReply):
+        return reply.model_dump_json(exclude_none=True).encode()
+    return reply.model_dump_json().encode()
+
+
+def parse_reply(body: bytes | str) -> Reply:
+    """Parse a reply body (client side); raises ``pydantic.ValidationError``."""
+    data = json.loads(body)
+    if isinstance(data, dict) and data.get("ok") is False:
+        return ErrorReply.model_validate(data)
+    return OkReply.model_validate(data)
+
+
+class RefusedEvent(_Wire):
+    """Published with routing key ``budget.refused.<code>`` when a command sent
+    without ``reply_to`` (fire-and-forget) is refused."""
+
+    event: Literal["command_refused"] = "command_refused"
+    agent_id: str
+    command_type: CommandType
+    message_id: str | None
+    tokens: int | None = Field(default=None)
+    error: ErrorBody
+    occurred_at: datetime

@@ -1,0 +1,40 @@
+"""What a lane hands the service and what it gets back: no AMQP, no SQL."""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from schemas import Command, Reply
+
+__all__ = ["Envelope", "Outcome", "OutcomeKind"]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A validated command and its identity (the AMQP ``message_id``)."""
+
+    command: Command
+    message_id: str | None
+
+
+class OutcomeKind(StrEnum):
+    APPLIED = "applied"
+    REFUSED = "refused"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    QUERY = "query"
+    QUERY_REFUSED = "query_refused"
+    #: The database refused the command even alone (a constraint it broke):
+    #: the lane dead-letters it with the reason.
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: OutcomeKind
+    reply: Reply
+    #: The reply's encoded body; for a duplicate, the first outcome's body as stored.
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.ok

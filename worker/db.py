@@ -9,8 +9,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 __all__ = ["create_engine", "is_sqlite", "is_transient", "redact_url"]
 
 #: SQLSTATEs that a retry of the same transaction can cure.
-_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "08000",
-                                  "08003", "08006", "08001", "08004", "53300"})
+_TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",
+        "40P01",
+        "55P03",
+        "57P01",
+        "57P02",
+        "57P03",
+        "08000",
+        "08003",
+        "08006",
+        "08001",
+        "08004",
+        "53300",
+    }
+)
 
 
 def is_sqlite(url: str) -> bool:

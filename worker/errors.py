@@ -48,9 +48,7 @@ class InsufficientBudget(BudgetError):
     code = ErrorCode.INSUFFICIENT_BUDGET
 
     def __init__(self, agent_id: str, requested: int, available: int) -> None:
-        super().__init__(
-            f"agent {agent_id!r} asked for {requested} tokens, {available} available"
-        )
+        super().__init__(f"agent {agent_id!r} asked for {requested} tokens, {available} available")
         self.requested = requested
         self.available = available
 
@@ -71,6 +69,4 @@ class Conflict(BudgetError):
     code = ErrorCode.CONFLICT
 
     def __init__(self, message_id: str) -> None:
-        super().__init__(
-            f"message_id {message_id!r} was already used for a different command"
-        )
+        super().__init__(f"message_id {message_id!r} was already used for a different command")

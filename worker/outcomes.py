@@ -1,11 +1,13 @@
 """What a lane hands the service and what it gets back: no AMQP, no SQL."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from schemas import Command, Reply
 
-__all__ = ["Envelope", "Outcome", "OutcomeKind"]
+__all__ = ["CommandApplier", "Envelope", "Outcome", "OutcomeKind", "StorageUnavailable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +40,17 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.reply.ok
+
+
+class StorageUnavailable(Exception):
+    """The database cannot take the batch now (outage, lock, stale read).
+
+    The same batch may succeed later: hold it, back off, retry. Never a
+    reason to dead-letter or acknowledge.
+    """
+
+
+class CommandApplier(Protocol):
+    """What a lane needs of the domain."""
+
+    async def apply(self, batch: Sequence[Envelope]) -> list[Outcome]: ...

@@ -28,14 +28,14 @@ from schemas import (
 
 from .db import is_transient
 from .errors import BudgetError, Conflict
-from .outcomes import Envelope, Outcome, OutcomeKind
+from .outcomes import Envelope, Outcome, OutcomeKind, StorageUnavailable
 from .rules import AgentState, apply_rule
 from .tables import agents, budgets, ledger, processed_commands
 
 __all__ = ["BudgetService", "StaleState", "fingerprint"]
 
 
-class StaleState(Exception):
+class StaleState(StorageUnavailable):
     """A compare-and-set update found a balance changed by another writer."""
 
 
@@ -87,13 +87,25 @@ class BudgetService:
         if not batch:
             return []
         try:
+            return await self._apply_isolating(batch)
+        except exc.SQLAlchemyError as error:
+            if is_transient(error):
+                raise StorageUnavailable(_reason(error)) from error
+            raise
+        except (OSError, TimeoutError) as error:
+            raise StorageUnavailable(str(error)) from error
+
+    async def _apply_isolating(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        try:
             return await self._apply_once(batch)
         except exc.SQLAlchemyError as error:
             if is_transient(error):
                 raise
             if len(batch) > 1:
                 middle = len(batch) // 2
-                return await self.apply(batch[:middle]) + await self.apply(batch[middle:])
+                return await self._apply_isolating(batch[:middle]) + await self._apply_isolating(
+                    batch[middle:]
+                )
         # One command alone failed: try once more, since a race with another
         # writer (the same message_id on two lanes) clears on a second look.
         try:
@@ -275,8 +287,13 @@ def _replay(prior: _Prior, print_: str, message_id: str) -> Outcome:
     return Outcome(OutcomeKind.CONFLICT, error_reply, encode_reply(error_reply))
 
 
+def _reason(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return (text.splitlines() or [type(error).__name__])[0][:500]
+
+
 def _rejected(error: exc.SQLAlchemyError) -> Outcome:
-    reason = str(getattr(error, "orig", None) or error).splitlines()[0][:500]
+    reason = _reason(error)
     error_reply = ErrorReply(
         error=ErrorBody(
             code=ErrorCode.DATABASE_REJECTED, message=f"the database refused the command: {reason}"

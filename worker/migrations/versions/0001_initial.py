@@ -30,7 +30,9 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("allocated_tokens >= 0", name="ck_budgets_allocated_non_negative"),
         sa.CheckConstraint("used_tokens >= 0", name="ck_budgets_used_non_negative"),
-        sa.CheckConstraint("used_tokens <= allocated_tokens", name="ck_budgets_used_within_allocated"),
+        sa.CheckConstraint(
+            "used_tokens <= allocated_tokens", name="ck_budgets_used_within_allocated"
+        ),
         sa.ForeignKeyConstraint(["agent_id"], ["agents.agent_id"], name="fk_budgets_agent_id"),
         sa.PrimaryKeyConstraint("agent_id", name="pk_budgets"),
     )

@@ -1,0 +1,102 @@
+"""``budget-worker``: run the worker, run migrations, or check health (exit code)."""
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from sqlalchemy import text
+
+from .app import Worker, connect_amqp
+from .db import create_engine, redact_url
+from .logging import configure_logging, get_logger
+from .migrate import current_revision, head_revision, upgrade
+from .settings import Settings
+from .topology import TopologyError
+
+__all__ = ["check", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="budget-worker",
+        description="Apply agents' token-budget commands from RabbitMQ to the database.",
+        epilog="Configuration comes from BUDGET_* environment variables (see README).",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check that RabbitMQ and the database are reachable and the schema is current; "
+        "exit 0 if so, 1 if not",
+    )
+    parser.add_argument("command", nargs="?", choices=["run", "migrate"], default="run")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if args.check:
+        return asyncio.run(check(settings))
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
+    try:
+        asyncio.run(_run(settings))
+    except TopologyError as error:
+        print(f"budget-worker: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _run(settings: Settings) -> None:
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    await worker.run()
+
+
+async def _migrate(settings: Settings) -> int:
+    engine = create_engine(settings.database_url.get_secret_value())
+    try:
+        await upgrade(engine)
+        revision = await current_revision(engine)
+    finally:
+        await engine.dispose()
+    get_logger().info("migrated", revision=revision)
+    return 0
+
+
+async def check(settings: Settings) -> int:
+    """Print one line per dependency; 0 when all are healthy, 1 otherwise."""
+    healthy = True
+    amqp = redact_url(settings.amqp_url.get_secret_value())
+    try:
+        connection = await asyncio.wait_for(
+            connect_amqp(settings, name="budget-worker --check"), 10
+        )
+        await connection.close()
+        print(f"rabbitmq: ok ({amqp})")
+    except Exception as error:
+        healthy = False
+        print(f"rabbitmq: unreachable ({amqp}): {error!r}")
+    database = redact_url(settings.database_url.get_secret_value())
+    engine = create_engine(settings.database_url.get_secret_value())
+    try:
+        async with asyncio.timeout(10):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            revision = await current_revision(engine)
+        head = head_revision()
+        if revision == head:
+            print(f"database: ok ({database}, schema {revision})")
+        elif settings.migrate_on_start:
+            print(f"database: ok ({database}, schema {revision}; the worker migrates to {head})")
+        else:
+            healthy = False
+            print(f"database: schema {revision}, expected {head}: run `budget-worker migrate`")
+    except Exception as error:
+        healthy = False
+        print(f"database: unreachable ({database}): {str(error).splitlines()[0][:300]}")
+    finally:
+        await engine.dispose()
+    return 0 if healthy else 1

@@ -1,0 +1,244 @@
+"""A lane: one partition queue, consumed in order and applied in batches.
+
+Deliveries arrive on the lane's own channel (``multiple=True`` acknowledges
+per channel) and wait in an inbox; the loop takes what has arrived, up to
+``batch_max``, applies it in one transaction, publishes replies, events and
+dead letters with confirms, then acknowledges the batch at once. A crash at
+any point leaves the batch unacknowledged, and its redelivery finds the
+processed-command records.
+"""
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from schemas import ErrorBody, ErrorCode, ErrorReply, encode_reply
+
+from .acks import Disposition, settle, settle_failure
+from .decode import Invalid, decode
+from .outcomes import CommandApplier, Envelope, Outcome, OutcomeKind
+from .publisher import Publisher
+
+__all__ = ["Lane", "LaneConfig"]
+
+_STOP: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class LaneConfig:
+    prefetch: int
+    batch_max: int
+    max_body_bytes: int
+    retry_max_seconds: float
+    log_ops: bool = True
+
+
+class _Stopping(Exception):
+    """Stop was requested while the batch in hand could not be committed."""
+
+
+class Lane:
+    def __init__(
+        self,
+        index: int,
+        queue_name: str,
+        connection: AbstractConnection,
+        applier: CommandApplier,
+        config: LaneConfig,
+        log: Any,
+    ) -> None:
+        self.index = index
+        self.queue_name = queue_name
+        self._connection = connection
+        self._applier = applier
+        self._config = config
+        self._log = log.bind(lane=index)
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.applied_batches = 0
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then close: the rest goes back to the broker."""
+        self._stopping = True
+        self._wake.set()
+        self._inbox.put_nowait(_STOP)
+
+    async def run(self) -> None:
+        """Serve until stopped or the connection is gone; restart after failures."""
+        delay = 0.1
+        while not self._stopping and not self._connection.is_closed:
+            try:
+                await self._serve()
+                delay = 0.1
+            except Exception as error:
+                if self._stopping or self._connection.is_closed:
+                    break
+                self._log.error("lane_failed", error=repr(error), retry_in_s=delay)
+                await self._pause(delay)
+                delay = min(delay * 2, self._config.retry_max_seconds)
+
+    async def _serve(self) -> None:
+        channel = await self._connection.channel(publisher_confirms=False)
+        publisher = await Publisher.open(self._connection)
+        try:
+            await channel.set_qos(prefetch_count=self._config.prefetch)
+            queue = await channel.get_queue(self.queue_name, ensure=False)
+            self._inbox = asyncio.Queue()
+            if self._stopping:
+                return
+            await queue.consume(self._on_message, no_ack=False)
+            self._log.debug("lane_consuming", queue=self.queue_name)
+            while not self._stopping:
+                batch = await self._take()
+                if batch:
+                    await self._process(batch, publisher)
+        finally:
+            # Closing (not cancelling first) returns every unacknowledged
+            # delivery at once, so the next consumer starts where we stopped.
+            await _close(publisher.channel)
+            await _close(channel)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message)
+
+    async def _take(self) -> list[AbstractIncomingMessage]:
+        first = await self._inbox.get()
+        if first is _STOP:
+            return []
+        batch = [first]
+        while len(batch) < self._config.batch_max:
+            try:
+                item = self._inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if item is _STOP:
+                break
+            batch.append(item)
+        # Callbacks are started in delivery order; sorting by tag makes it so.
+        batch.sort(key=lambda message: message.delivery_tag or 0)
+        return batch
+
+    async def _process(self, batch: list[AbstractIncomingMessage], publisher: Publisher) -> None:
+        started = time.perf_counter()
+        decoded = [self._decode(message) for message in batch]
+        envelopes = [item for item in decoded if isinstance(item, Envelope)]
+        outcomes = iter(await self._apply(envelopes))
+        results: list[Outcome | Invalid] = [
+            item if isinstance(item, Invalid) else next(outcomes) for item in decoded
+        ]
+        pending = []
+        for message, item, result in zip(batch, decoded, results, strict=True):
+            settlement = settle(result, has_reply_to=bool(message.reply_to))
+            if settlement.disposition is Disposition.DEAD_LETTER:
+                pending.append(
+                    publisher.dead_letter(
+                        message,
+                        code=str(settlement.error_code),
+                        reason=settlement.reason or "",
+                        lane=self.index,
+                    )
+                )
+            if message.reply_to:
+                duplicate = isinstance(result, Outcome) and result.kind is OutcomeKind.DUPLICATE
+                pending.append(publisher.reply(message, _body(result), duplicate=duplicate))
+            if settlement.event and isinstance(item, Envelope) and isinstance(result, Outcome):
+                assert isinstance(result.reply, ErrorReply)
+                pending.append(publisher.refused(item.command, item.message_id, result.reply))
+        await asyncio.gather(*pending)
+        await batch[-1].ack(multiple=True)
+        self.applied_batches += 1
+        self._log_batch(batch, decoded, results, time.perf_counter() - started)
+
+    def _decode(self, message: AbstractIncomingMessage) -> Envelope | Invalid:
+        return decode(
+            message.body,
+            routing_key=message.routing_key,
+            message_id=message.message_id,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            max_body_bytes=self._config.max_body_bytes,
+        )
+
+    async def _apply(self, envelopes: list[Envelope]) -> list[Outcome]:
+        delay = 0.05
+        while True:
+            try:
+                return await self._applier.apply(envelopes)
+            except Exception as error:
+                if settle_failure(error) is not Disposition.RETRY:
+                    raise
+                self._log.warning("storage_unavailable", error=str(error), retry_in_s=delay)
+                await self._pause(delay)
+                if self._stopping:
+                    raise _Stopping() from error
+                delay = min(delay * 2, self._config.retry_max_seconds)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    def _log_batch(
+        self,
+        batch: list[AbstractIncomingMessage],
+        decoded: list[Envelope | Invalid],
+        results: list[Outcome | Invalid],
+        seconds: float,
+    ) -> None:
+        # One line per batch carries every operation: logging each command on
+        # its own line would cost more than applying it.
+        ops = []
+        counts: dict[str, int] = {}
+        for message, item, result in zip(batch, decoded, results, strict=True):
+            if isinstance(result, Invalid):
+                outcome = "dead_lettered"
+                self._log.warning(
+                    "command_dead_lettered", message_id=message.message_id, reason=result.reason
+                )
+            else:
+                outcome = result.kind.value
+                if not result.reply.ok:
+                    outcome = f"{outcome}:{result.reply.error.code}"
+            counts[outcome.split(":")[0]] = counts.get(outcome.split(":")[0], 0) + 1
+            if self._config.log_ops and isinstance(item, Envelope):
+                command = item.command
+                ops.append(
+                    {
+                        "id": item.message_id,
+                        "agent": command.agent_id,
+                        "type": command.command_type.value,
+                        "tokens": getattr(command, "tokens", None),
+                        "outcome": outcome,
+                    }
+                )
+        self._log.info(
+            "batch_applied",
+            size=len(batch),
+            duration_ms=round(seconds * 1000, 3),
+            outcomes=counts,
+            ops=ops if self._config.log_ops else None,
+        )
+
+
+def _body(result: Outcome | Invalid) -> bytes:
+    if isinstance(result, Outcome):
+        return result.body
+    return encode_reply(
+        ErrorReply(
+            error=ErrorBody(
+                code=ErrorCode.INVALID_COMMAND,
+                message=result.reason,
+                errors=list(result.issues) or None,
+            )
+        )
+    )
+
+
+async def _close(channel: AbstractChannel) -> None:
+    with contextlib.suppress(Exception):
+        if not channel.is_closed:
+            await channel.close()

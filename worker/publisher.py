@@ -1,0 +1,117 @@
+"""Replies, events and dead letters, each awaited until the broker confirms it."""
+
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    DeliveryMode,
+)
+
+from schemas import (
+    CONTENT_TYPE,
+    DEAD_LETTER_EXCHANGE,
+    EVENTS_EXCHANGE,
+    HEADER_DUPLICATE,
+    HEADER_ERROR,
+    HEADER_ERROR_CODE,
+    HEADER_LANE,
+    Command,
+    ErrorReply,
+    RefusedEvent,
+    refused_routing_key,
+)
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """One confirming channel per lane, so that lanes never wait on each other."""
+
+    def __init__(
+        self, channel: AbstractChannel, events: AbstractExchange, dead: AbstractExchange
+    ) -> None:
+        self.channel = channel
+        self._default = channel.default_exchange
+        self._events = events
+        self._dead = dead
+
+    @classmethod
+    async def open(cls, connection: AbstractConnection) -> "Publisher":
+        channel = await connection.channel(publisher_confirms=True)
+        events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+        dead = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+        return cls(channel, events, dead)
+
+    async def close(self) -> None:
+        if not self.channel.is_closed:
+            await self.channel.close()
+
+    def reply(
+        self, request: AbstractIncomingMessage, body: bytes, *, duplicate: bool = False
+    ) -> Awaitable[Any]:
+        """Answer ``request`` on its ``reply_to`` (direct reply-to or a queue)."""
+        assert request.reply_to is not None
+        message = aio_pika.Message(
+            body,
+            content_type=CONTENT_TYPE,
+            correlation_id=request.correlation_id or request.message_id,
+            delivery_mode=DeliveryMode.NOT_PERSISTENT,
+            headers={HEADER_DUPLICATE: True} if duplicate else None,
+        )
+        return self._default.publish(message, routing_key=request.reply_to)
+
+    def refused(
+        self, command: Command, message_id: str | None, error: ErrorReply
+    ) -> Awaitable[Any]:
+        event = RefusedEvent(
+            agent_id=command.agent_id,
+            command_type=command.command_type,
+            message_id=message_id,
+            tokens=getattr(command, "tokens", None),
+            error=error.error,
+            occurred_at=datetime.now(UTC),
+        )
+        message = aio_pika.Message(
+            event.model_dump_json(exclude_none=True).encode(),
+            content_type=CONTENT_TYPE,
+            message_id=message_id,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            type=event.event,
+        )
+        return self._events.publish(message, routing_key=refused_routing_key(error.error.code))
+
+    def dead_letter(
+        self, request: AbstractIncomingMessage, *, code: str, reason: str, lane: int
+    ) -> Awaitable[Any]:
+        """Keep the delivery as it came, with why it could not be applied."""
+        headers: dict[str, Any] = dict(request.headers or {})
+        headers.update(
+            {
+                HEADER_ERROR_CODE: code,
+                HEADER_ERROR: reason,
+                HEADER_LANE: lane,
+                "x-original-exchange": request.exchange or "",
+                "x-original-routing-key": request.routing_key or "",
+            }
+        )
+        message = aio_pika.Message(
+            request.body,
+            headers=headers,
+            content_type=request.content_type,
+            content_encoding=request.content_encoding,
+            message_id=request.message_id,
+            correlation_id=request.correlation_id,
+            reply_to=request.reply_to,
+            timestamp=request.timestamp,
+            type=request.type,
+            app_id=request.app_id,
+            user_id=None,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        return self._dead.publish(message, routing_key=request.routing_key or "")

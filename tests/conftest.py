@@ -4,14 +4,23 @@
 SQLite and PostgreSQL.
 """
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.processes import WorkerProcess
 from tests.support import RabbitAdmin, create_pg_database, drop_pg_database, unique
+from worker.app import Worker
 from worker.db import create_engine
+from worker.logging import configure_logging
 from worker.migrate import upgrade
+from worker.settings import LogFormat, Settings
+
+configure_logging("info", LogFormat.CONSOLE)
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +60,53 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await upgrade(engine)
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture
+def worker_settings(amqp_url: str, database_url: str) -> Settings:
+    return Settings(
+        amqp_url=SecretStr(amqp_url),
+        database_url=SecretStr(database_url),
+        partitions=4,
+        retry_max_seconds=1.0,
+        log_format=LogFormat.CONSOLE,
+    )
+
+
+@pytest.fixture
+async def worker(worker_settings: Settings) -> AsyncIterator[Worker]:
+    """A worker running in this test's event loop, ready to take commands."""
+    running = Worker(worker_settings)
+    task = asyncio.create_task(running.run())
+    ready = asyncio.create_task(running.ready.wait())
+    await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    assert running.ready.is_set(), "worker did not become ready in 30 s"
+    yield running
+    running.stop()
+    await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+def worker_process(tmp_path: Path, amqp_url: str, database_url: str) -> Iterator[
+    Callable[..., WorkerProcess]
+]:
+    """Start real ``python -m worker`` processes; all are stopped at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(**overrides: object) -> WorkerProcess:
+        settings: dict[str, object] = {
+            "amqp_url": amqp_url,
+            "database_url": database_url,
+            "partitions": 4,
+            "retry_max_seconds": 1.0,
+            **overrides,
+        }
+        process = WorkerProcess(tmp_path / f"worker-{len(started)}.log", **settings).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

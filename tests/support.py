@@ -3,10 +3,10 @@
 import base64
 import json
 import os
-import uuid
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from typing import Any
 
 import asyncpg

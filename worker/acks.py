@@ -14,7 +14,7 @@ from enum import StrEnum
 from schemas import ErrorCode
 
 from .decode import Invalid
-from .outcomes import Outcome, OutcomeKind, StorageUnavailable
+from .outcomes import Fenced, Outcome, OutcomeKind, StorageUnavailable
 
 __all__ = ["Disposition", "Settlement", "settle", "settle_failure"]
 
@@ -59,7 +59,13 @@ def settle(result: Outcome | Invalid, *, has_reply_to: bool) -> Settlement:
 
 
 def settle_failure(error: BaseException) -> Disposition:
-    """The fate of a whole batch whose transaction did not commit."""
+    """The fate of a whole batch whose transaction did not commit.
+
+    A fenced lane (its partition passed to another worker) requeues too, and
+    stops for good: the new owner applies the batch.
+    """
+    if isinstance(error, Fenced):
+        return Disposition.REQUEUE
     if isinstance(error, StorageUnavailable):
         return Disposition.RETRY
     return Disposition.REQUEUE

@@ -4,6 +4,8 @@ import asyncio
 import contextlib
 import os
 import socket
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -12,8 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import create_engine, is_transient, redact_url
 from .lane import Lane, LaneConfig
+from .leases import LeaseStore
 from .logging import get_logger
 from .migrate import upgrade
+from .outcomes import Fence
+from .pool import Pool
 from .service import BudgetService
 from .settings import Settings
 from .topology import TopologyError, TopologySpec, declare_topology
@@ -39,16 +44,19 @@ class Worker:
         self.settings = settings
         self.topology = topology or TopologySpec(settings.partitions, settings.delivery_limit)
         self.ready = asyncio.Event()
-        self.lanes: list[Lane] = []
+        self.worker_id = uuid.uuid4().hex
         self.name = f"budget-worker {socket.gethostname()}:{os.getpid()}"
+        self.pool: Pool | None = None
+        self._pool_stop: Callable[[], None] | None = None
         self._stop = asyncio.Event()
         self._log = get_logger(worker=self.name)
         self._engine: AsyncEngine | None = None
 
     def stop(self) -> None:
+        """Finish the batches in hand, return the rest, leave the pool."""
         self._stop.set()
-        for lane in self.lanes:
-            lane.stop()
+        if self._pool_stop is not None:
+            self._pool_stop()
 
     async def run(self) -> None:
         settings = self.settings
@@ -85,41 +93,96 @@ class Worker:
         connection = await connect_amqp(self.settings, name=self.name)
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
+        lanes: dict[int, tuple[Lane, asyncio.Task[None]]] = {}
         try:
             names = await declare_topology(connection, self.topology)
-            config = LaneConfig(
-                prefetch=self.settings.prefetch,
-                batch_max=self.settings.batch_max,
-                max_body_bytes=self.settings.max_body_bytes,
-                retry_max_seconds=self.settings.retry_max_seconds,
-                log_ops=self.settings.log_level.lower() in ("debug", "info"),
-            )
-            self.lanes = [
-                Lane(index, name, connection, service, config, self._log)
-                for index, name in enumerate(names)
-            ]
-            tasks = [asyncio.create_task(lane.run(), name=lane.queue_name) for lane in self.lanes]
-            if self._stop.is_set():
-                for lane in self.lanes:
-                    lane.stop()
-            self._log.info("worker_ready", lanes=len(self.lanes))
-            self.ready.set()
-            stop_wait = asyncio.create_task(self._stop.wait())
-            lost_wait = asyncio.create_task(lost.wait())
-            await asyncio.wait([stop_wait, lost_wait], return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            lost_wait.cancel()
-            self.ready.clear()
-            for lane in self.lanes:
+            config = self._lane_config()
+
+            def start_lane(fence: Fence) -> None:
+                lane = Lane(
+                    fence.partition,
+                    names[fence.partition],
+                    connection,
+                    service,
+                    config,
+                    self._log,
+                    fence=fence,
+                )
+                lanes[fence.partition] = (
+                    lane,
+                    asyncio.create_task(lane.run(), name=lane.queue_name),
+                )
+
+            async def stop_lane(partition: int) -> None:
+                lane, task = lanes.pop(partition)
                 lane.stop()
-            # Lanes finish the batch in hand and close their channels.
-            await asyncio.gather(*tasks, return_exceptions=True)
+                # The lane finishes the batch in hand and closes its channel.
+                await asyncio.gather(task, return_exceptions=True)
+
+            def running() -> dict[int, Fence]:
+                return {
+                    p: lane.fence
+                    for p, (lane, task) in lanes.items()
+                    if not task.done() and lane.fence is not None
+                }
+
+            pool = Pool(
+                self._lease_store(),
+                start_lane=start_lane,
+                stop_lane=stop_lane,
+                running=running,
+                renew_interval=self.settings.renew_interval,
+                log=self._log,
+            )
+            self.pool = pool
+            pool_task = asyncio.create_task(pool.run(), name="pool")
+            self._pool_stop = pool.stop
+            if self._stop.is_set():
+                pool.stop()
+            waits = [
+                asyncio.create_task(self._stop.wait()),
+                asyncio.create_task(lost.wait()),
+                asyncio.create_task(pool.ticked.wait()),
+            ]
+            await asyncio.wait([pool_task, *waits], return_when=asyncio.FIRST_COMPLETED)
+            if pool.ticked.is_set() and not pool_task.done():
+                self._log.info("worker_ready", worker_id=pool.store.worker_id)
+                self.ready.set()
+                await asyncio.wait([pool_task, *waits[:2]], return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
+            self.ready.clear()
+            pool.stop()
+            await pool_task  # stops every lane, then leaves the pool
             if lost.is_set() and not self._stop.is_set():
                 raise ConnectionError("connection to the broker lost")
         finally:
             self.ready.clear()
+            self._pool_stop = None
+            for lane, task in lanes.values():
+                lane.stop()
+                task.cancel()
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    def _lane_config(self) -> LaneConfig:
+        return LaneConfig(
+            prefetch=self.settings.prefetch,
+            batch_max=self.settings.batch_max,
+            max_body_bytes=self.settings.max_body_bytes,
+            retry_max_seconds=self.settings.retry_max_seconds,
+            log_ops=self.settings.log_level.lower() in ("debug", "info"),
+        )
+
+    def _lease_store(self) -> LeaseStore:
+        return LeaseStore(
+            self._require_engine(),
+            partitions=self.topology.partitions,
+            name=self.name,
+            lease_ttl=self.settings.lease_ttl,
+            member_ttl=self.settings.member_ttl,
+            worker_id=self.worker_id,
+        )
 
     async def _until_done(self, what: str, step: Any) -> None:
         """Retry a start-up step while the database is away, until stopped."""

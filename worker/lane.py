@@ -20,7 +20,7 @@ from schemas import ErrorBody, ErrorCode, ErrorReply, encode_reply
 
 from .acks import Disposition, settle, settle_failure
 from .decode import Invalid, decode
-from .outcomes import CommandApplier, Envelope, Outcome, OutcomeKind
+from .outcomes import CommandApplier, Envelope, Fence, Fenced, Outcome, OutcomeKind
 from .publisher import Publisher
 
 __all__ = ["Lane", "LaneConfig"]
@@ -50,8 +50,11 @@ class Lane:
         applier: CommandApplier,
         config: LaneConfig,
         log: Any,
+        fence: Fence | None = None,
     ) -> None:
         self.index = index
+        #: The lease this lane runs under; None only outside a pool (tests, tools).
+        self.fence = fence
         self.queue_name = queue_name
         self._connection = connection
         self._applier = applier
@@ -75,6 +78,11 @@ class Lane:
             try:
                 await self._serve()
                 delay = 0.1
+            except Fenced as error:
+                # Another worker owns the partition now; the batch was not
+                # committed and went back to the broker with the channel.
+                self._log.warning("lane_fenced", reason=str(error))
+                return
             except Exception as error:
                 if self._stopping or self._connection.is_closed:
                     break
@@ -168,7 +176,7 @@ class Lane:
         delay = 0.05
         while True:
             try:
-                return await self._applier.apply(envelopes)
+                return await self._applier.apply(envelopes, self.fence)
             except Exception as error:
                 if settle_failure(error) is not Disposition.RETRY:
                     raise

@@ -7,7 +7,15 @@ from typing import Protocol
 
 from schemas import Command, Reply
 
-__all__ = ["CommandApplier", "Envelope", "Outcome", "OutcomeKind", "StorageUnavailable"]
+__all__ = [
+    "CommandApplier",
+    "Envelope",
+    "Fence",
+    "Fenced",
+    "Outcome",
+    "OutcomeKind",
+    "StorageUnavailable",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +58,22 @@ class StorageUnavailable(Exception):
     """
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The lease a lane holds: its batches commit only while it is still current."""
+
+    partition: int
+    owner: str
+    epoch: int
+
+
+class Fenced(Exception):
+    """The lane's lease has passed to another worker: commit nothing, stop the lane."""
+
+
 class CommandApplier(Protocol):
     """What a lane needs of the domain."""
 
-    async def apply(self, batch: Sequence[Envelope]) -> list[Outcome]: ...
+    async def apply(
+        self, batch: Sequence[Envelope], fence: Fence | None = None
+    ) -> list[Outcome]: ...

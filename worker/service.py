@@ -28,9 +28,9 @@ from schemas import (
 
 from .db import is_transient
 from .errors import BudgetError, Conflict
-from .outcomes import Envelope, Outcome, OutcomeKind, StorageUnavailable
+from .outcomes import Envelope, Fence, Fenced, Outcome, OutcomeKind, StorageUnavailable
 from .rules import AgentState, apply_rule
-from .tables import agents, budgets, ledger, processed_commands
+from .tables import agents, budgets, ledger, partition_leases, processed_commands
 
 __all__ = ["BudgetService", "StaleState", "fingerprint"]
 
@@ -76,8 +76,12 @@ class BudgetService:
         self._clock = clock
         self._lock_rows = engine.dialect.name == "postgresql"
 
-    async def apply(self, batch: Sequence[Envelope]) -> list[Outcome]:
+    async def apply(self, batch: Sequence[Envelope], fence: Fence | None = None) -> list[Outcome]:
         """Apply ``batch`` in order and commit; one outcome per envelope.
+
+        With a ``fence``, the transaction first checks (and locks) the lease:
+        if the partition has passed to another owner it raises ``Fenced`` and
+        commits nothing.
 
         Transient database errors (outage, lock timeout) propagate so that the
         caller can retry the same batch later. Any other database error is
@@ -87,7 +91,7 @@ class BudgetService:
         if not batch:
             return []
         try:
-            return await self._apply_isolating(batch)
+            return await self._apply_isolating(batch, fence)
         except exc.SQLAlchemyError as error:
             if is_transient(error):
                 raise StorageUnavailable(_reason(error)) from error
@@ -95,32 +99,42 @@ class BudgetService:
         except (OSError, TimeoutError) as error:
             raise StorageUnavailable(str(error)) from error
 
-    async def _apply_isolating(self, batch: Sequence[Envelope]) -> list[Outcome]:
+    async def _apply_isolating(
+        self, batch: Sequence[Envelope], fence: Fence | None
+    ) -> list[Outcome]:
         try:
-            return await self._apply_once(batch)
+            return await self._apply_once(batch, fence)
         except exc.SQLAlchemyError as error:
             if is_transient(error):
                 raise
             if len(batch) > 1:
                 middle = len(batch) // 2
-                return await self._apply_isolating(batch[:middle]) + await self._apply_isolating(
-                    batch[middle:]
-                )
+                head = await self._apply_isolating(batch[:middle], fence)
+                return head + await self._apply_isolating(batch[middle:], fence)
         # One command alone failed: try once more, since a race with another
         # writer (the same message_id on two lanes) clears on a second look.
         try:
-            return await self._apply_once(batch)
+            return await self._apply_once(batch, fence)
         except exc.SQLAlchemyError as error:
             if is_transient(error):
                 raise
             return [_rejected(error)]
 
-    async def _apply_once(self, batch: Sequence[Envelope]) -> list[Outcome]:
+    async def _apply_once(self, batch: Sequence[Envelope], fence: Fence | None) -> list[Outcome]:
         async with self._engine.begin() as conn:
-            return await self._apply_in(conn, batch)
+            if fence is not None:
+                await _check_fence(conn, fence)
+            return await self._apply_in(conn, batch, fence)
 
-    async def _apply_in(self, conn: AsyncConnection, batch: Sequence[Envelope]) -> list[Outcome]:
+    async def _apply_in(
+        self, conn: AsyncConnection, batch: Sequence[Envelope], fence: Fence | None
+    ) -> list[Outcome]:
         now = self._clock()
+        signature = {
+            "worker_id": fence.owner if fence else None,
+            "lease_partition": fence.partition if fence else None,
+            "lease_epoch": fence.epoch if fence else None,
+        }
         agent_ids = sorted({envelope.command.agent_id for envelope in batch})
         states = await self._load_states(conn, agent_ids)
         seen = await self._load_processed(
@@ -164,6 +178,7 @@ class BudgetService:
                             "allocated_after": change.allocated_after,
                             "used_after": change.used_after,
                             "created_at": now,
+                            **signature,
                         }
                     )
             seen[message_id] = _Prior(print_, body)
@@ -269,6 +284,20 @@ class BudgetService:
             await conn.execute(insert(ledger), ledger_rows)
         if processed_rows:
             await conn.execute(insert(processed_commands), processed_rows)
+
+
+async def _check_fence(conn: AsyncConnection, fence: Fence) -> None:
+    # An UPDATE, not a SELECT: it takes the lease row's lock (PostgreSQL) so a
+    # takeover waits for this commit, and SQLite's write lock is already ours.
+    held = await conn.execute(
+        update(partition_leases)
+        .where(partition_leases.c.partition == fence.partition)
+        .where(partition_leases.c.owner == fence.owner)
+        .where(partition_leases.c.epoch == fence.epoch)
+        .values(epoch=partition_leases.c.epoch)
+    )
+    if held.rowcount != 1:
+        raise Fenced(f"partition {fence.partition} is no longer held under epoch {fence.epoch}")
 
 
 def _query(state: AgentState, command: Command) -> Outcome:

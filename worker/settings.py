@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(default=20, ge=1)
     #: AMQP heartbeat in seconds: how fast a frozen worker's lanes move on.
     heartbeat: int = Field(default=15, ge=1, le=600)
+    #: Pool timing (seconds). A worker that stops beating for ``member_ttl``
+    #: leaves the pool; its leases can be taken ``lease_ttl`` after its last
+    #: renewal. Together with ``heartbeat`` these bound failover (docs/pool.md).
+    lease_ttl: float = Field(default=10.0, gt=0)
+    member_ttl: float = Field(default=10.0, gt=0)
+    renew_interval: float = Field(default=2.0, gt=0)
     migrate_on_start: bool = True
     db_pool_size: int = Field(default=5, ge=1, le=100)
     #: Backoff cap while the broker or the database is away.

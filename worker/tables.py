@@ -5,8 +5,10 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -14,7 +16,15 @@ from sqlalchemy import (
     Text,
 )
 
-__all__ = ["agents", "budgets", "ledger", "metadata", "processed_commands"]
+__all__ = [
+    "agents",
+    "budgets",
+    "ledger",
+    "metadata",
+    "partition_leases",
+    "processed_commands",
+    "workers",
+]
 
 metadata = MetaData(
     naming_convention={
@@ -58,6 +68,10 @@ ledger = Table(
     Column("allocated_after", BigInteger, nullable=False),
     Column("used_after", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    #: Who applied it, under which lease: the audit trail of fencing.
+    Column("worker_id", String(64), nullable=True),
+    Column("lease_partition", Integer, nullable=True),
+    Column("lease_epoch", BigInteger, nullable=True),
     PrimaryKeyConstraint("agent_id", "seq"),
     CheckConstraint("amount > 0", name="amount_positive"),
 )
@@ -73,4 +87,26 @@ processed_commands = Table(
     Column("reply", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_processed_commands_created_at", "created_at"),
+)
+
+#: Pool membership: each live worker process beats here (times are the
+#: database's clock in epoch seconds, so that hosts' clocks never matter).
+workers = Table(
+    "workers",
+    metadata,
+    Column("worker_id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)
+
+#: Who may apply a partition's commands. ``epoch`` is the fencing token: it
+#: grows on every change of owner, and every batch checks it before commit.
+partition_leases = Table(
+    "partition_leases",
+    metadata,
+    Column("partition", Integer, primary_key=True, autoincrement=False),
+    Column("owner", String(64), nullable=True),
+    Column("epoch", BigInteger, nullable=False),
+    Column("expires_at", Float, nullable=False),
 )

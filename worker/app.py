@@ -12,6 +12,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .committer import GroupCommitter
 from .db import create_engine, is_transient, redact_url
 from .lane import Lane, LaneConfig
 from .leases import LeaseStore
@@ -68,10 +69,16 @@ class Worker:
             database=redact_url(database_url),
             partitions=self.topology.partitions,
         )
+        service: GroupCommitter | None = None
         try:
             if settings.migrate_on_start:
                 await self._until_done("migrate", lambda: upgrade(self._require_engine()))
-            service = BudgetService(self._require_engine())
+            engine = self._require_engine()
+            service = GroupCommitter(
+                BudgetService(engine),
+                writers=1 if engine.dialect.name == "sqlite" else 2,
+                max_commands=max(settings.batch_max * 4, 1024),
+            )
             delay = 0.2
             while not self._stop.is_set():
                 try:
@@ -86,10 +93,12 @@ class Worker:
                     delay = min(delay * 2, settings.retry_max_seconds)
         finally:
             self.ready.clear()
+            if service is not None:
+                await service.close()
             await self._require_engine().dispose()
             self._log.info("worker_stopped")
 
-    async def _serve(self, service: BudgetService) -> None:
+    async def _serve(self, service: GroupCommitter) -> None:
         connection = await connect_amqp(self.settings, name=self.name)
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())

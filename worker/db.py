@@ -66,6 +66,10 @@ def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncE
             "server_settings": {
                 "synchronous_commit": "on",
                 "application_name": "budget-worker",
+                # A worker frozen inside a transaction (SIGSTOP, a cut
+                # network) must not hold its locks, and so its partitions,
+                # for ever: the server ends such a session after 5 s.
+                "idle_in_transaction_session_timeout": "5000",
             }
         },
     )

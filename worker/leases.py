@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Float, cast, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .outcomes import Fence
@@ -88,15 +90,14 @@ class LeaseStore:
         self._now = db_now(engine.dialect.name)
 
     async def ensure_partitions(self) -> None:
+        """Create the lease rows; idempotent when several workers start at once."""
+        rows = [
+            {"partition": p, "owner": None, "epoch": 0, "expires_at": 0.0}
+            for p in range(self.partitions)
+        ]
+        dialect_insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         async with self.engine.begin() as conn:
-            existing = {p for (p,) in await conn.execute(select(partition_leases.c.partition))}
-            missing = [
-                {"partition": p, "owner": None, "epoch": 0, "expires_at": 0.0}
-                for p in range(self.partitions)
-                if p not in existing
-            ]
-            if missing:
-                await conn.execute(insert(partition_leases), missing)
+            await conn.execute(dialect_insert(partition_leases).on_conflict_do_nothing(), rows)
 
     async def tick(self) -> PoolView:
         """Beat, renew every lease this worker holds, and read the pool, atomically."""

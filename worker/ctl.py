@@ -1,0 +1,203 @@
+"""``budgetctl``: operate budgets by hand, through the broker like any agent.
+
+State changes are commands published with the client SDK, never SQL, so they
+are ordered with the agents' own commands and deduplicated by message_id:
+pass ``--message-id`` to retry one safely. Only ``list`` reads the database,
+read-only. Exit codes: 0 done, 1 refused (or invalid input), 2 the broker or
+the database could not be reached, or no reply came in time.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from client import BudgetClient, BudgetClientError, BudgetView, CommandRefused
+
+from .settings import Settings
+
+__all__ = ["build_parser", "main"]
+
+EXIT_REFUSED = 1
+EXIT_UNAVAILABLE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--amqp-url", help="default: BUDGET_AMQP_URL or the worker's default")
+    common.add_argument("--database-url", help="for list; default: BUDGET_DATABASE_URL")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    common.add_argument("--json", action="store_true", help="one JSON object per line")
+    retry = argparse.ArgumentParser(add_help=False)
+    retry.add_argument("--message-id", help="reuse to retry a command safely (default: new)")
+
+    parser = argparse.ArgumentParser(
+        prog="budgetctl", description="Register agents, allocate and consume tokens, inspect."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register = sub.add_parser("register", parents=[common, retry], help="register an agent")
+    register.add_argument("agent", metavar="AGENT")
+    allocate = sub.add_parser("allocate", parents=[common, retry], help="add tokens")
+    allocate.add_argument("agent", metavar="AGENT")
+    allocate.add_argument("tokens", metavar="TOKENS", type=int)
+    consume = sub.add_parser("consume", parents=[common, retry], help="use tokens")
+    consume.add_argument("agent", metavar="AGENT")
+    consume.add_argument("tokens", metavar="TOKENS", type=int)
+    consume.add_argument(
+        "--wait", action="store_true", help="wait for the worker's answer, not only the broker's"
+    )
+    show = sub.add_parser("show", parents=[common], help="an agent's budget")
+    show.add_argument("agent", metavar="AGENT")
+    listing = sub.add_parser("list", parents=[common], help="agents and budgets, by agent id")
+    listing.add_argument("--limit", type=_positive, default=100, help="most rows (default 100)")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Failures are reported once, below; not again by the AMQP libraries' logs.
+    logging.getLogger().addHandler(logging.NullHandler())
+    settings = Settings()
+    try:
+        for line in asyncio.run(_run(args, settings)):
+            print(line)
+    except CommandRefused as error:
+        return _fail(EXIT_REFUSED, f"refused: {error.code}: {error.message}")
+    except ValidationError as error:
+        issues = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return _fail(EXIT_REFUSED, f"invalid_command: {issues}")
+    except ValueError as error:  # a malformed --message-id, say
+        return _fail(EXIT_REFUSED, f"invalid input: {error}")
+    except BudgetClientError as error:
+        url = _redact(args.amqp_url or settings.amqp_url.get_secret_value())
+        return _fail(EXIT_UNAVAILABLE, f"{error.code}: {error.message} (broker {url})")
+    except _DatabaseError as error:
+        url = _redact(args.database_url or settings.database_url.get_secret_value())
+        return _fail(EXIT_UNAVAILABLE, f"database error: {error} (database {url})")
+    return 0
+
+
+class _DatabaseError(Exception):
+    pass
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"budgetctl: {message}", file=sys.stderr)
+    return code
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> list[str]:
+    if args.command == "list":
+        url = args.database_url or settings.database_url.get_secret_value()
+        return [_row_line(row, args.json) for row in await _list(url, args.limit)]
+    amqp_url = args.amqp_url or settings.amqp_url.get_secret_value()
+    agent, tokens = args.agent, getattr(args, "tokens", 0)
+    message_id = getattr(args, "message_id", None)
+    async with BudgetClient.connect(amqp_url, timeout=args.timeout, name="budgetctl") as client:
+        if args.command == "register":
+            view = await client.register_agent(agent, message_id=message_id)
+        elif args.command == "allocate":
+            view = await client.allocate(agent, tokens, message_id=message_id)
+        elif args.command == "consume" and args.wait:
+            view = await client.consume_and_wait(agent, tokens, message_id=message_id)
+        elif args.command == "consume":
+            sent = await client.consume(agent, tokens, message_id=message_id)
+            if args.json:
+                status = {"agent_id": agent, "tokens": tokens, "message_id": sent}
+                return [json.dumps({**status, "status": "confirmed"})]
+            return [
+                f"{agent}: consume of {tokens} tokens confirmed by the broker "
+                f"(message_id {sent}); a refusal is published on budget.events"
+            ]
+        else:
+            view = await client.get_budget(agent)
+    return [_view_line(view, args.json)]
+
+
+def _view_line(view: BudgetView, as_json: bool) -> str:
+    if as_json:
+        return view.model_dump_json()
+    if view.allocated_tokens is None:
+        return f"{view.agent_id}: registered, no budget yet"
+    return (
+        f"{view.agent_id}: allocated={view.allocated_tokens} used={view.used_tokens} "
+        f"available={view.available_tokens}"
+    )
+
+
+def _row_line(row: dict[str, Any], as_json: bool) -> str:
+    allocated, used = row["allocated_tokens"], row["used_tokens"]
+    available = None if allocated is None else allocated - used
+    return _view_line(
+        BudgetView(
+            agent_id=row["agent_id"],
+            allocated_tokens=allocated,
+            used_tokens=used,
+            available_tokens=available,
+        ),
+        as_json,
+    )
+
+
+async def _list(url: str, limit: int) -> list[dict[str, Any]]:
+    """Agents and their balances, read-only: the database refuses any write."""
+    # Imported here: the other commands start faster without SQLAlchemy.
+    from sqlalchemy import event, select
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from .db import is_sqlite
+    from .tables import agents, budgets
+
+    if is_sqlite(url):
+        engine = create_async_engine(url, poolclass=NullPool)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _query_only(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA query_only=ON")
+            cursor.close()
+    else:
+        settings = {"default_transaction_read_only": "on", "application_name": "budgetctl"}
+        engine = create_async_engine(
+            url, poolclass=NullPool, connect_args={"server_settings": settings}
+        )
+    query = (
+        select(agents.c.agent_id, budgets.c.allocated_tokens, budgets.c.used_tokens)
+        .select_from(agents.outerjoin(budgets))
+        .order_by(agents.c.agent_id)
+        .limit(limit)
+    )
+    try:
+        async with engine.connect() as conn:
+            return [dict(row) for row in (await conn.execute(query)).mappings()]
+    except (SQLAlchemyError, OSError) as error:
+        first = str(error).splitlines()[0][:300] if str(error) else repr(error)
+        raise _DatabaseError(first) from error
+    finally:
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Every failure the SDK raises, under one root with a stable ``code``.
+
+Refusals mirror the worker's wire codes one to one; the others say what the
+client could not find out (``timeout``) or could not do (``not_delivered``),
+and what is safe to do next.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas import ErrorBody, ErrorCode, ValidationIssue
+
+__all__ = [
+    "AgentNotFoundError",
+    "BalanceOverflowError",
+    "BrokerUnavailable",
+    "BudgetClientError",
+    "BudgetNotFoundError",
+    "CommandRefused",
+    "ConflictError",
+    "DatabaseRejectedError",
+    "InsufficientBudgetError",
+    "InvalidCommandError",
+    "InvalidReply",
+    "NotDelivered",
+    "ReplyLost",
+    "RequestTimeout",
+    "refusal_for",
+    "refusal_from_wire",
+]
+
+
+class BudgetClientError(Exception):
+    """Root of every SDK error; ``code`` is machine-readable and never renamed."""
+
+    code: str = "client_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class CommandRefused(BudgetClientError):
+    """The worker answered and refused the command; nothing was changed.
+
+    Raised as is for a code newer than this client (``body`` is then None),
+    so that adding a code to the contract never breaks an older client.
+    """
+
+    code = "command_refused"
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        requested_tokens: int | None = None,
+        available_tokens: int | None = None,
+        errors: list[ValidationIssue] | None = None,
+        body: ErrorBody | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.requested_tokens = requested_tokens
+        self.available_tokens = available_tokens
+        self.errors = errors
+        self.body = body
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidCommandError(CommandRefused):
+    pass
+
+
+class AgentNotFoundError(CommandRefused):
+    pass
+
+
+class BudgetNotFoundError(CommandRefused):
+    pass
+
+
+class InsufficientBudgetError(CommandRefused):
+    pass
+
+
+class ConflictError(CommandRefused):
+    """The message_id was already used for a different command."""
+
+
+class BalanceOverflowError(CommandRefused):
+    pass
+
+
+class DatabaseRejectedError(CommandRefused):
+    pass
+
+
+class RequestTimeout(BudgetClientError):
+    """No reply in time. The command may or may not have been applied: retry
+    with the SAME message_id, which the worker deduplicates, to find out."""
+
+    code = "timeout"
+
+
+class ReplyLost(RequestTimeout):
+    """The channel or connection carrying the reply closed before it came.
+    Same meaning and same remedy as a timeout, without waiting for it."""
+
+    code = "reply_lost"
+
+
+class NotDelivered(BudgetClientError):
+    """The broker did not confirm the command, or returned it unroutable (no
+    lane bound: the worker never declared its topology). Retrying with the same
+    message_id is always safe, whatever the broker did."""
+
+    code = "not_delivered"
+
+
+class BrokerUnavailable(NotDelivered):
+    """No connection to the broker could be made, so nothing was published."""
+
+    code = "broker_unavailable"
+
+
+class InvalidReply(BudgetClientError):
+    """A reply that is not the contract's JSON: a bug or a foreign publisher."""
+
+    code = "invalid_reply"
+
+
+_BY_CODE: dict[str, type[CommandRefused]] = {
+    ErrorCode.INVALID_COMMAND: InvalidCommandError,
+    ErrorCode.AGENT_NOT_FOUND: AgentNotFoundError,
+    ErrorCode.BUDGET_NOT_FOUND: BudgetNotFoundError,
+    ErrorCode.INSUFFICIENT_BUDGET: InsufficientBudgetError,
+    ErrorCode.CONFLICT: ConflictError,
+    ErrorCode.BALANCE_OVERFLOW: BalanceOverflowError,
+    ErrorCode.DATABASE_REJECTED: DatabaseRejectedError,
+}
+
+
+def refusal_for(body: ErrorBody) -> CommandRefused:
+    """The exception that stands for ``body``, by its code."""
+    cls = _BY_CODE.get(str(body.code), CommandRefused)
+    return cls(
+        str(body.code),
+        body.message,
+        requested_tokens=body.requested_tokens,
+        available_tokens=body.available_tokens,
+        errors=body.errors,
+        body=body,
+    )
+
+
+def refusal_from_wire(error: Any) -> CommandRefused:
+    """Like ``refusal_for`` for the raw ``error`` object of a reply, tolerating
+    codes and detail fields this version of the contract does not know."""
+    try:
+        return refusal_for(ErrorBody.model_validate(error))
+    except ValidationError:
+        pass
+    if not isinstance(error, Mapping) or not isinstance(error.get("code"), str):
+        raise InvalidReply(f"error reply without a code: {error!r}"[:500])
+    requested = error.get("requested_tokens")
+    available = error.get("available_tokens")
+    return _BY_CODE.get(error["code"], CommandRefused)(
+        error["code"],
+        str(error.get("message", "")),
+        requested_tokens=requested if isinstance(requested, int) else None,
+        available_tokens=available if isinstance(available, int) else None,
+    )

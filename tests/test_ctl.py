@@ -1,0 +1,158 @@
+"""``budgetctl`` as an operator runs it: a real process against the running worker.
+
+Processes are awaited with asyncio, so the in-process worker keeps serving.
+"""
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from client import BudgetClient
+from schemas import BudgetView
+from tests.support import unique
+from worker.app import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+Ctl = Callable[..., Awaitable[Run]]
+
+
+async def run_ctl(*args: str, env: dict[str, str] | None = None) -> Run:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker.ctl", *args,
+        cwd=ROOT, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+def ctl(worker: Worker, amqp_url: str, database_url: str) -> Ctl:
+    """budgetctl configured like the worker, through its environment variables."""
+    env = {"BUDGET_AMQP_URL": amqp_url, "BUDGET_DATABASE_URL": database_url}
+
+    async def call(*args: str) -> Run:
+        return await run_ctl(*args, env=env)
+
+    return call
+
+
+@pytest.fixture
+async def client(worker: Worker, amqp_url: str) -> AsyncIterator[BudgetClient]:
+    async with BudgetClient.connect(amqp_url, timeout=20) as connected:
+        yield connected
+
+
+async def funded(client: BudgetClient, tokens: int) -> str:
+    agent = unique("agent")
+    await client.register_agent(agent)
+    await client.allocate(agent, tokens)
+    return agent
+
+
+async def test_register_prints_the_new_agent(ctl: Ctl) -> None:
+    agent = unique("agent")
+    run = await ctl("register", agent)
+    assert (run.code, run.out) == (0, f"{agent}: registered, no budget yet\n"), run.err
+
+
+async def test_allocate_prints_the_budget(ctl: Ctl, client: BudgetClient) -> None:
+    agent = unique("agent")
+    await client.register_agent(agent)
+    run = await ctl("allocate", agent, "100")
+    assert (run.code, run.out) == (0, f"{agent}: allocated=100 used=0 available=100\n"), run.err
+
+
+async def test_consume_wait_prints_the_budget_after_consuming(
+    ctl: Ctl, client: BudgetClient
+) -> None:
+    agent = await funded(client, 100)
+    run = await ctl("consume", agent, "30", "--wait")
+    assert (run.code, run.out) == (0, f"{agent}: allocated=100 used=30 available=70\n"), run.err
+
+
+async def test_consume_is_confirmed_then_applied(ctl: Ctl, client: BudgetClient) -> None:
+    agent = await funded(client, 100)
+    run = await ctl("consume", agent, "30", "--json", "--message-id", "op-1")
+    assert run.code == 0, run.err
+    assert json.loads(run.out) == {
+        "agent_id": agent, "tokens": 30, "message_id": "op-1", "status": "confirmed"
+    }
+    deadline = time.monotonic() + 20
+    while await client.get_available(agent) != 70:
+        assert time.monotonic() < deadline, "the confirmed consume was never applied"
+        await asyncio.sleep(0.05)
+
+
+async def test_show_prints_the_budget_as_text_or_json(ctl: Ctl, client: BudgetClient) -> None:
+    agent = await funded(client, 50)
+    await client.consume_and_wait(agent, 8)
+    text, as_json = await ctl("show", agent), await ctl("show", agent, "--json")
+    assert (text.code, text.out) == (0, f"{agent}: allocated=50 used=8 available=42\n"), text.err
+    assert BudgetView.model_validate_json(as_json.out) == BudgetView(
+        agent_id=agent, allocated_tokens=50, used_tokens=8, available_tokens=42
+    )
+
+
+async def test_list_prints_agents_in_order(ctl: Ctl, client: BudgetClient) -> None:
+    prefix = unique("agent")
+    await client.register_agent(f"{prefix}-b")
+    await client.register_agent(f"{prefix}-a")
+    await client.allocate(f"{prefix}-b", 9)
+    run = await ctl("list")
+    assert (run.code, run.out) == (
+        0,
+        f"{prefix}-a: registered, no budget yet\n{prefix}-b: allocated=9 used=0 available=9\n",
+    ), run.err
+    limited = await ctl("list", "--limit", "1", "--json")
+    assert [json.loads(line)["agent_id"] for line in limited.out.splitlines()] == [f"{prefix}-a"]
+
+
+async def test_retry_with_the_same_message_id_applies_once(ctl: Ctl, client: BudgetClient) -> None:
+    agent = unique("agent")
+    await client.register_agent(agent)
+    first = await ctl("allocate", agent, "10", "--message-id", "grant-1")
+    again = await ctl("allocate", agent, "10", "--message-id", "grant-1")
+    assert first.out == again.out == f"{agent}: allocated=10 used=0 available=10\n", again.err
+    assert await client.get_available(agent) == 10
+
+
+async def test_insufficient_budget_exits_1_with_the_code(ctl: Ctl, client: BudgetClient) -> None:
+    agent = await funded(client, 5)
+    run = await ctl("consume", agent, "6", "--wait")
+    assert run.code == 1 and run.out == ""
+    assert "insufficient_budget" in run.err and "6 tokens, 5 available" in run.err
+
+
+async def test_invalid_amount_exits_1_before_publishing(ctl: Ctl) -> None:
+    run = await ctl("allocate", unique("agent"), "0")
+    assert run.code == 1 and "invalid_command" in run.err
+
+
+async def test_unreachable_broker_exits_2() -> None:
+    run = await run_ctl("show", "agent-1", "--amqp-url", "amqp://guest:secret@127.0.0.1:1/")
+    assert run.code == 2 and run.out == ""
+    assert "broker_unavailable" in run.err and "secret" not in run.err
+
+
+async def test_unreachable_database_exits_2() -> None:
+    url = "postgresql+asyncpg://postgres:secret@127.0.0.1:1/budget"
+    run = await run_ctl("list", "--database-url", url)
+    assert run.code == 2 and "database error" in run.err and "secret" not in run.err

@@ -12,6 +12,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from . import wire_guard
 from .committer import GroupCommitter
 from .db import create_engine, is_transient, redact_url
 from .lane import Lane, LaneConfig
@@ -45,6 +46,7 @@ class Worker:
         self.settings = settings
         self.topology = topology or TopologySpec(settings.partitions, settings.delivery_limit)
         self.ready = asyncio.Event()
+        wire_guard.install()
         self.worker_id = uuid.uuid4().hex
         self.name = f"budget-worker {socket.gethostname()}:{os.getpid()}"
         self.pool: Pool | None = None

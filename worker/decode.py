@@ -48,6 +48,9 @@ def decode(
         return Invalid(f"not a valid command: {summary}"[:1000], issues)
     if command.changes_state and not message_id:
         return Invalid(f"a {command.command_type.value} command must carry an AMQP message_id")
+    if message_id and not message_id.isprintable():
+        # Control characters (NUL above all) are not storable everywhere.
+        return Invalid("message_id must not contain control characters")
     if routing_key != command.agent_id:
         # Another routing key would put the agent's commands on another lane,
         # out of order with the rest of them.

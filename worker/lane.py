@@ -22,6 +22,7 @@ from .acks import Disposition, settle, settle_failure
 from .decode import Invalid, decode
 from .outcomes import CommandApplier, Envelope, Fence, Fenced, Outcome, OutcomeKind
 from .publisher import Publisher
+from .wire_guard import has_invalid_text
 
 __all__ = ["Lane", "LaneConfig"]
 
@@ -141,7 +142,7 @@ class Lane:
         ]
         pending = []
         for message, item, result in zip(batch, decoded, results, strict=True):
-            settlement = settle(result, has_reply_to=bool(message.reply_to))
+            settlement = settle(result, has_reply_to=_can_reply(message))
             if settlement.disposition is Disposition.DEAD_LETTER:
                 pending.append(
                     publisher.dead_letter(
@@ -151,7 +152,7 @@ class Lane:
                         lane=self.index,
                     )
                 )
-            if message.reply_to:
+            if _can_reply(message):
                 duplicate = isinstance(result, Outcome) and result.kind is OutcomeKind.DUPLICATE
                 pending.append(publisher.reply(message, _body(result), duplicate=duplicate))
             if settlement.event and isinstance(item, Envelope) and isinstance(result, Outcome):
@@ -163,6 +164,9 @@ class Lane:
         self._log_batch(batch, decoded, results, time.perf_counter() - started)
 
     def _decode(self, message: AbstractIncomingMessage) -> Envelope | Invalid:
+        for name in _TEXT_PROPERTIES:
+            if has_invalid_text(getattr(message, name)):
+                return Invalid(f"property {name} is not valid UTF-8")
         return decode(
             message.body,
             routing_key=message.routing_key,
@@ -230,6 +234,23 @@ class Lane:
             outcomes=counts,
             ops=ops if self._config.log_ops else None,
         )
+
+
+_TEXT_PROPERTIES = (
+    "routing_key",
+    "message_id",
+    "correlation_id",
+    "reply_to",
+    "content_type",
+    "content_encoding",
+    "type",
+    "app_id",
+    "headers",
+)
+
+
+def _can_reply(message: AbstractIncomingMessage) -> bool:
+    return bool(message.reply_to) and not has_invalid_text(message.reply_to)
 
 
 def _body(result: Outcome | Invalid) -> bytes:

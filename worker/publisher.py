@@ -27,6 +27,8 @@ from schemas import (
     refused_routing_key,
 )
 
+from .wire_guard import clean_text
+
 __all__ = ["Publisher"]
 
 
@@ -60,7 +62,7 @@ class Publisher:
         message = aio_pika.Message(
             body,
             content_type=CONTENT_TYPE,
-            correlation_id=request.correlation_id or request.message_id,
+            correlation_id=clean_text(request.correlation_id or request.message_id),
             delivery_mode=DeliveryMode.NOT_PERSISTENT,
             headers={HEADER_DUPLICATE: True} if duplicate else None,
         )
@@ -90,28 +92,30 @@ class Publisher:
         self, request: AbstractIncomingMessage, *, code: str, reason: str, lane: int
     ) -> Awaitable[Any]:
         """Keep the delivery as it came, with why it could not be applied."""
-        headers: dict[str, Any] = dict(request.headers or {})
+        # The original may hold text that was not UTF-8 (refused for that):
+        # escape it, or the dead letter itself could not be sent.
+        headers: dict[str, Any] = clean_text(dict(request.headers or {}))
         headers.update(
             {
                 HEADER_ERROR_CODE: code,
                 HEADER_ERROR: reason,
                 HEADER_LANE: lane,
-                "x-original-exchange": request.exchange or "",
-                "x-original-routing-key": request.routing_key or "",
+                "x-original-exchange": clean_text(request.exchange or ""),
+                "x-original-routing-key": clean_text(request.routing_key or ""),
             }
         )
         message = aio_pika.Message(
             request.body,
             headers=headers,
-            content_type=request.content_type,
-            content_encoding=request.content_encoding,
-            message_id=request.message_id,
-            correlation_id=request.correlation_id,
-            reply_to=request.reply_to,
+            content_type=clean_text(request.content_type),
+            content_encoding=clean_text(request.content_encoding),
+            message_id=clean_text(request.message_id),
+            correlation_id=clean_text(request.correlation_id),
+            reply_to=clean_text(request.reply_to),
             timestamp=request.timestamp,
-            type=request.type,
-            app_id=request.app_id,
+            type=clean_text(request.type),
+            app_id=clean_text(request.app_id),
             user_id=None,
             delivery_mode=DeliveryMode.PERSISTENT,
         )
-        return self._dead.publish(message, routing_key=request.routing_key or "")
+        return self._dead.publish(message, routing_key=clean_text(request.routing_key or ""))

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from client import BudgetClient
 from schemas import BudgetView
+from tests.db_helpers import reader
 from tests.support import unique
 from worker.app import Worker
 
@@ -156,3 +158,52 @@ async def test_unreachable_database_exits_2() -> None:
     url = "postgresql+asyncpg://postgres:secret@127.0.0.1:1/budget"
     run = await run_ctl("list", "--database-url", url)
     assert run.code == 2 and "database error" in run.err and "secret" not in run.err
+
+# history, reconcile and workers read the books back.
+
+
+async def test_history_lists_the_agents_changes_in_order(ctl: Ctl, client: BudgetClient) -> None:
+    agent = await funded(client, 100)
+    await client.consume_and_wait(agent, 30, message_id=f"{agent}-c1")
+    run = await ctl("history", agent, "--json")
+    assert run.code == 0, run.err
+    rows = [json.loads(line) for line in run.out.splitlines()]
+    assert [(r["seq"], r["kind"], r["amount"]) for r in rows] == [
+        (1, "allocate", 100),
+        (2, "consume", 30),
+    ]
+    assert rows[-1]["message_id"] == f"{agent}-c1"
+    assert (rows[-1]["allocated_after"], rows[-1]["used_after"]) == (100, 30)
+
+
+async def test_reconcile_exits_zero_when_the_books_are_exact(
+    ctl: Ctl, client: BudgetClient
+) -> None:
+    agent = await funded(client, 100)
+    await client.consume_and_wait(agent, 10)
+    run = await ctl("reconcile")
+    assert (run.code, run.out) == (0, "books reconcile: no difference\n"), run.err
+
+
+async def test_reconcile_exits_non_zero_and_names_a_tampered_balance(
+    ctl: Ctl, client: BudgetClient, database_url: str
+) -> None:
+    agent = await funded(client, 100)
+    async with reader(database_url) as engine, engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE budgets SET used_tokens = 7 WHERE agent_id = :a"), {"a": agent}
+        )
+    run = await ctl("reconcile")
+    assert run.code == 3
+    assert f"{agent}: used_tokens = sum of ledger: expected 0, found 7" in run.out
+    assert "do not reconcile" in run.err
+
+
+async def test_workers_shows_the_live_worker_and_its_partitions(
+    ctl: Ctl, worker: Worker
+) -> None:
+    run = await ctl("workers", "--json")
+    assert run.code == 0, run.err
+    (row,) = [json.loads(line) for line in run.out.splitlines()]
+    assert row["worker_id"] == worker.worker_id
+    assert (row["state"], row["partitions"]) == ("live", [0, 1, 2, 3])

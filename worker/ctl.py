@@ -9,6 +9,7 @@ the database could not be reached, or no reply came in time.
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -26,6 +27,7 @@ __all__ = ["build_parser", "main"]
 
 EXIT_REFUSED = 1
 EXIT_UNAVAILABLE = 2
+EXIT_DISCREPANCY = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("agent", metavar="AGENT")
     listing = sub.add_parser("list", parents=[common], help="agents and budgets, by agent id")
     listing.add_argument("--limit", type=_positive, default=100, help="most rows (default 100)")
+    hist = sub.add_parser("history", parents=[common], help="an agent's ledger, oldest first")
+    hist.add_argument("agent", metavar="AGENT")
+    hist.add_argument("--limit", type=_positive, default=None, help="most rows")
+    sub.add_parser(
+        "reconcile",
+        parents=[common],
+        help="check every balance against its ledger; exit 3 on any difference",
+    )
+    sub.add_parser("workers", parents=[common], help="live workers and the partitions they hold")
     return parser
 
 
@@ -72,8 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().addHandler(logging.NullHandler())
     settings = Settings()
     try:
-        for line in asyncio.run(_run(args, settings)):
+        lines, failed = asyncio.run(_run(args, settings))
+        for line in lines:
             print(line)
+        if failed:
+            return _fail(EXIT_DISCREPANCY, "the books do not reconcile (see above)")
     except CommandRefused as error:
         return _fail(EXIT_REFUSED, f"refused: {error.code}: {error.message}")
     except ValidationError as error:
@@ -84,14 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BudgetClientError as error:
         url = _redact(args.amqp_url or settings.amqp_url.get_secret_value())
         return _fail(EXIT_UNAVAILABLE, f"{error.code}: {error.message} (broker {url})")
-    except _DatabaseError as error:
+    except _view_error() as error:
         url = _redact(args.database_url or settings.database_url.get_secret_value())
         return _fail(EXIT_UNAVAILABLE, f"database error: {error} (database {url})")
     return 0
 
 
-class _DatabaseError(Exception):
-    pass
+def _view_error() -> type[Exception]:
+    from .views import ViewError
+
+    return ViewError
 
 
 def _redact(url: str) -> str:
@@ -106,10 +122,75 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
-async def _run(args: argparse.Namespace, settings: Settings) -> list[str]:
-    if args.command == "list":
+async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str], bool]:
+    if args.command in _DATABASE_COMMANDS:
+        from . import views
+
         url = args.database_url or settings.database_url.get_secret_value()
-        return [_row_line(row, args.json) for row in await _list(url, args.limit)]
+        if args.command == "list":
+            rows = await views.budgets_page(url, args.limit)
+            return [_row_line(row, args.json) for row in rows], False
+        if args.command == "history":
+            entries = await views.ledger_of(url, args.agent, args.limit)
+            return [_entry_line(e, args.json) for e in entries], False
+        if args.command == "reconcile":
+            found = await views.reconciled(url)
+            if args.json:
+                return [json.dumps(dataclasses.asdict(d), default=str) for d in found], bool(found)
+            return [str(d) for d in found] or ["books reconcile: no difference"], bool(found)
+        view = await views.pool(url, settings.member_ttl)
+        return _pool_lines(view, args.json), False
+    return await _broker(args, settings), False
+
+
+_DATABASE_COMMANDS = frozenset({"list", "history", "reconcile", "workers"})
+
+
+def _entry_line(entry: Any, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(dataclasses.asdict(entry), default=str)
+    return (
+        f"{entry.seq:>6} {entry.created_at:%Y-%m-%d %H:%M:%S} {entry.kind:<10} "
+        f"{entry.amount:>12} -> allocated={entry.allocated_after} used={entry.used_after} "
+        f"({entry.message_id})"
+    )
+
+
+def _pool_lines(view: Any, as_json: bool) -> list[str]:
+    live = set(view.live)
+    lines = []
+    for member in view.members:
+        held = view.held_by(member.worker_id)
+        state = "live" if member.worker_id in live else "gone"
+        age = round(view.now - member.heartbeat_at, 1)
+        if as_json:
+            lines.append(
+                json.dumps(
+                    {
+                        "worker_id": member.worker_id,
+                        "name": member.name,
+                        "state": state,
+                        "seen_seconds_ago": age,
+                        "partitions": held,
+                    }
+                )
+            )
+        else:
+            lines.append(
+                f"{member.worker_id} {member.name} {state} (seen {age}s ago) "
+                f"partitions={','.join(map(str, held)) or '-'}"
+            )
+    free = [p for p, lease in view.leases.items() if p not in _held_anywhere(view)]
+    if not as_json:
+        lines.append(f"unowned partitions: {','.join(map(str, free)) or '-'}")
+    return lines or ["no workers"]
+
+
+def _held_anywhere(view: Any) -> set[int]:
+    return {p for member in view.members for p in view.held_by(member.worker_id)}
+
+
+async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
     amqp_url = args.amqp_url or settings.amqp_url.get_secret_value()
     agent, tokens = args.agent, getattr(args, "tokens", 0)
     message_id = getattr(args, "message_id", None)
@@ -157,46 +238,6 @@ def _row_line(row: dict[str, Any], as_json: bool) -> str:
         ),
         as_json,
     )
-
-
-async def _list(url: str, limit: int) -> list[dict[str, Any]]:
-    """Agents and their balances, read-only: the database refuses any write."""
-    # Imported here: the other commands start faster without SQLAlchemy.
-    from sqlalchemy import event, select
-    from sqlalchemy.exc import SQLAlchemyError
-    from sqlalchemy.ext.asyncio import create_async_engine
-    from sqlalchemy.pool import NullPool
-
-    from .db import is_sqlite
-    from .tables import agents, budgets
-
-    if is_sqlite(url):
-        engine = create_async_engine(url, poolclass=NullPool)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _query_only(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA query_only=ON")
-            cursor.close()
-    else:
-        settings = {"default_transaction_read_only": "on", "application_name": "budgetctl"}
-        engine = create_async_engine(
-            url, poolclass=NullPool, connect_args={"server_settings": settings}
-        )
-    query = (
-        select(agents.c.agent_id, budgets.c.allocated_tokens, budgets.c.used_tokens)
-        .select_from(agents.outerjoin(budgets))
-        .order_by(agents.c.agent_id)
-        .limit(limit)
-    )
-    try:
-        async with engine.connect() as conn:
-            return [dict(row) for row in (await conn.execute(query)).mappings()]
-    except (SQLAlchemyError, OSError) as error:
-        first = str(error).splitlines()[0][:300] if str(error) else repr(error)
-        raise _DatabaseError(first) from error
-    finally:
-        await engine.dispose()
 
 
 if __name__ == "__main__":

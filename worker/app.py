@@ -16,7 +16,7 @@ from . import wire_guard
 from .committer import GroupCommitter
 from .db import create_engine, is_transient, redact_url
 from .lane import Lane, LaneConfig
-from .leases import LeaseStore
+from .leases import LeaseStore, session_name
 from .logging import get_logger
 from .migrate import upgrade
 from .outcomes import Fence
@@ -64,7 +64,12 @@ class Worker:
     async def run(self) -> None:
         settings = self.settings
         database_url = settings.database_url.get_secret_value()
-        self._engine = create_engine(database_url, pool_size=settings.db_pool_size)
+        self._engine = create_engine(
+            database_url,
+            pool_size=settings.db_pool_size,
+            # Peers find (and, once it is gone, evict) this worker's sessions by it.
+            application_name=session_name(self.worker_id),
+        )
         self._log.info(
             "worker_starting",
             amqp=redact_url(settings.amqp_url.get_secret_value()),

@@ -36,7 +36,9 @@ def redact_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 5, echo: bool = False, application_name: str = "budget-worker"
+) -> AsyncEngine:
     """An engine whose commits are durable before they return.
 
     SQLite: WAL with ``synchronous=FULL`` and ``BEGIN IMMEDIATE``, so a batch
@@ -65,7 +67,7 @@ def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncE
         connect_args={
             "server_settings": {
                 "synchronous_commit": "on",
-                "application_name": "budget-worker",
+                "application_name": application_name,
                 # A worker frozen inside a transaction (SIGSTOP, a cut
                 # network) must not hold its locks, and so its partitions,
                 # for ever: the server ends such a session after 5 s.

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, cast, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Float, cast, delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -19,10 +19,28 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .outcomes import Fence
 from .tables import partition_leases, workers
 
-__all__ = ["Lease", "LeaseStore", "Member", "PoolView", "db_now", "pool_view"]
+__all__ = [
+    "Lease",
+    "LeaseStore",
+    "Member",
+    "PoolView",
+    "db_now",
+    "pool_view",
+    "session_name",
+]
 
 #: A worker not seen for this long is forgotten entirely (it is long dead).
 _FORGET_AFTER_SECONDS = 3600.0
+
+
+#: How long a pool statement waits for a row lock before giving up until the
+#: next tick: the pool loop must keep beating even when a peer is stuck.
+_LOCK_TIMEOUT_MS = 2000
+
+
+def session_name(worker_id: str) -> str:
+    """The PostgreSQL ``application_name`` of a worker's sessions."""
+    return f"budget-worker:{worker_id}"
 
 
 def db_now(dialect: str) -> ColumnElement[float]:
@@ -102,6 +120,7 @@ class LeaseStore:
     async def tick(self) -> PoolView:
         """Beat, renew every lease this worker holds, and read the pool, atomically."""
         async with self.engine.begin() as conn:
+            await self._bounded_waits(conn)
             now = float((await conn.execute(select(self._now))).scalar_one())
             beat = await conn.execute(
                 update(workers)
@@ -127,6 +146,7 @@ class LeaseStore:
     async def acquire(self, lease: Lease) -> Fence | None:
         """Take a free or expired partition; None if someone else moved first."""
         async with self.engine.begin() as conn:
+            await self._bounded_waits(conn)
             now = self._now
             taken = await conn.execute(
                 update(partition_leases)
@@ -144,6 +164,31 @@ class LeaseStore:
         if taken.rowcount != 1:
             return None
         return Fence(lease.partition, self.worker_id, lease.epoch + 1)
+
+    async def evict(self, worker_id: str) -> int:
+        """End a departed worker's database sessions (PostgreSQL); how many ended.
+
+        A worker frozen in the middle of a statement holds its row locks, and
+        so its partitions, however long it sleeps: the server cannot tell it
+        from a slow client. Once it has left the pool (no beat for the member
+        TTL) and its leases have expired, its sessions are terminated; when it
+        wakes, its next statement fails and its next batch is fenced.
+        """
+        if self.engine.dialect.name != "postgresql" or worker_id == self.worker_id:
+            return 0
+        async with self.engine.begin() as conn:
+            ended = await conn.execute(
+                select(func.pg_terminate_backend(text("pid")))
+                .select_from(text("pg_stat_activity"))
+                .where(text("application_name = :name"))
+                .where(text("pid <> pg_backend_pid()")),
+                {"name": session_name(worker_id)},
+            )
+            return sum(1 for (done,) in ended if done)
+
+    async def _bounded_waits(self, conn: AsyncConnection) -> None:
+        if self.engine.dialect.name == "postgresql":
+            await conn.execute(text(f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}"))
 
     async def release(self, fence: Fence) -> None:
         async with self.engine.begin() as conn:

@@ -49,6 +49,7 @@ class Pool:
         self.view: PoolView | None = None
         #: Set once the first rebalance is done: the worker's lanes are running.
         self.ticked = asyncio.Event()
+        self._evicted: set[str] = set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -60,16 +61,16 @@ class Pool:
             while not self._stop.is_set():
                 try:
                     view = await self.store.tick()
-                except Exception as error:
-                    # Database away: lanes keep retrying their batches; leases
-                    # stay ours unless another worker takes them meanwhile.
-                    if not isinstance(error, StorageUnavailable) and not is_transient(error):
-                        raise
-                    self._log.warning("pool_tick_failed", error=str(error)[:300])
-                else:
                     self.view = view
                     await self._rebalance(view)
                     self.ticked.set()
+                except Exception as error:
+                    # Database away or a peer's lock in the way: lanes keep
+                    # retrying their batches; leases stay ours unless another
+                    # worker takes them meanwhile. Try again next tick.
+                    if not isinstance(error, StorageUnavailable) and not is_transient(error):
+                        raise
+                    self._log.warning("pool_tick_failed", error=str(error)[:300])
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=self._interval)
         finally:
@@ -102,6 +103,7 @@ class Pool:
                     reason="rebalance",
                     live=len(view.live),
                 )
+        await self._evict_departed(view)
         running = self._running()
         for partition in sorted(target - set(running)):
             lease = view.leases.get(partition)
@@ -117,6 +119,17 @@ class Pool:
                     reason=_why(lease, me, view.now),
                     live=len(view.live),
                 )
+
+    async def _evict_departed(self, view: PoolView) -> None:
+        live = set(view.live)
+        for lease in view.leases.values():
+            owner = lease.owner
+            if owner is None or owner in live or owner in self._evicted:
+                continue
+            if lease.expires_at < view.now:
+                self._evicted.add(owner)
+                ended = await self.store.evict(owner)
+                self._log.warning("worker_evicted", departed=owner, sessions_ended=ended)
 
     async def _take(self, lease: Lease, view: PoolView) -> Fence | None:
         me = self.store.worker_id

@@ -1,0 +1,83 @@
+"""Read what the worker wrote, through an engine of the test's own."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker.db import create_engine
+from worker.tables import budgets, ledger, processed_commands
+
+__all__ = [
+    "balances",
+    "ledger_ids",
+    "ledger_size",
+    "processed_ids",
+    "reader",
+    "wait_until",
+]
+
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def reader(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def balances(engine: AsyncEngine) -> dict[str, tuple[int, int]]:
+    """agent_id -> (allocated_tokens, used_tokens)."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(budgets.c.agent_id, budgets.c.allocated_tokens, budgets.c.used_tokens)
+        )
+        return {agent: (allocated, used) for agent, allocated, used in rows}
+
+
+async def ledger_ids(engine: AsyncEngine) -> dict[str, list[str]]:
+    """agent_id -> the message_ids of its ledger rows, in ledger (seq) order."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(ledger.c.agent_id, ledger.c.message_id).order_by(
+                ledger.c.agent_id, ledger.c.seq
+            )
+        )
+        result: dict[str, list[str]] = {}
+        for agent, message_id in rows:
+            result.setdefault(agent, []).append(message_id)
+        return result
+
+
+async def ledger_size(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(ledger))).scalar_one())
+
+
+async def processed_ids(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(processed_commands.c.message_id))
+        return {message_id for (message_id,) in rows}
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    within: float,
+    interval: float = 0.2,
+) -> T:
+    """Poll ``probe`` until ``done`` holds or ``within`` seconds pass; return the last value."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        await asyncio.sleep(interval)

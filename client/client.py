@@ -270,7 +270,13 @@ class BudgetClient:
                 return
             if self._connection is None or self._connection.is_closed:
                 self._connection = await self._open_connection()
-            await self._open_channels(self._connection)
+            try:
+                await self._open_channels(self._connection)
+            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as error:
+                # The connection died under us (a broker restart): start
+                # afresh on the next call rather than reuse its corpse.
+                self._connection = None
+                raise BrokerUnavailable(f"cannot open a channel: {error!r}") from error
 
     def _usable(self) -> bool:
         return not any(

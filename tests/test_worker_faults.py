@@ -1,0 +1,224 @@
+"""Real ``python -m worker`` processes: killed, stopped, misconfigured, health-checked."""
+
+import asyncio
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
+from tests.db_helpers import balances, ledger_ids, ledger_size, processed_ids, reader, wait_until
+from tests.processes import WorkerProcess
+from worker.topology import TopologySpec, declare_topology
+
+PARTITIONS = 4
+#: Short pool timings, so that a successor takes a dead worker's partitions soon.
+FAST_POOL = {"lease_ttl": 2, "member_ttl": 2, "renew_interval": 0.5}
+
+
+async def declare(amqp_url: str, delivery_limit: int = 20) -> None:
+    """The topology a worker with ``partitions=4`` declares, so publishing can begin first."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        await declare_topology(connection, TopologySpec(PARTITIONS, delivery_limit))
+    finally:
+        await connection.close()
+
+
+async def setup_agents(amqp: Amqp, agents: dict[str, int]) -> None:
+    """Register every agent, then allocate; each phase confirmed before the next."""
+    await amqp.publish_all(
+        Outgoing(command("register_agent", a), a, message_id=f"{a}:register") for a in agents
+    )
+    await amqp.publish_all(
+        Outgoing(command("allocate", a, t), a, message_id=f"{a}:allocate")
+        for a, t in agents.items()
+    )
+
+
+def consumes(agents: list[str], per_agent: int, seed: int) -> list[tuple[str, str, int]]:
+    """(agent, message_id, tokens), interleaved across agents."""
+    rng = random.Random(seed)
+    return [
+        (agent, f"{agent}:consume-{i}", rng.randint(1, 100))
+        for i in range(per_agent)
+        for agent in agents
+    ]
+
+
+def as_outgoing(items: list[tuple[str, str, int]], reply_to: str | None = None) -> list[Outgoing]:
+    return [
+        Outgoing(command("consume", a, t), a, message_id=m, reply_to=reply_to)
+        for a, m, t in items
+    ]
+
+
+def applied_so_far(process: WorkerProcess) -> int:
+    """Commands the process reports applied in its ``batch_applied`` log lines."""
+    return sum(
+        event.get("outcomes", {}).get("applied", 0)
+        for event in process.events()
+        if event.get("event") == "batch_applied"
+    )
+
+
+async def until_applied(process: WorkerProcess, count: int, within: float = 60.0) -> None:
+    """Wait until ``process`` has applied ``count`` commands (it is mid-stream)."""
+    done = await wait_until(
+        lambda: asyncio.to_thread(applied_so_far, process), lambda n: n >= count,
+        within=within, interval=0.05,
+    )
+    assert done >= count, f"{done} applied in {within}s: {process.tail()}"
+
+
+async def stop_gracefully(process: WorkerProcess) -> int:
+    process.signal(signal.SIGTERM)
+    return await asyncio.to_thread(process.wait, 30)
+
+
+@pytest.mark.slow
+async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
+    worker_process: Callable[..., WorkerProcess], amqp_url: str, database_url: str
+) -> None:
+    agents = [f"agent-{n:02d}" for n in range(30)]
+    sent = consumes(agents, 100, seed=3)
+    used = {a: sum(t for b, _, t in sent if b == a) for a in agents}
+    # Room for every consume twice over: a doubled one would show, not be refused.
+    allocated = {a: 2 * used[a] for a in agents}
+    await declare(amqp_url)
+    async with open_amqp(amqp_url) as amqp:
+        await setup_agents(amqp, allocated)
+        # Replies widen the window between a batch's commit and its acknowledgement,
+        # where a kill leaves applied commands to be delivered again.
+        reply_to, replies = await amqp.reply_queue()
+        await amqp.publish_all(as_outgoing(sent, reply_to))
+
+        # Small batches: the backlog takes the first worker many transactions.
+        first = worker_process(batch_max=16, prefetch=64, **FAST_POOL)
+        await until_applied(first, len(sent) // 5)
+        first.kill()
+        async with reader(database_url) as engine:
+            applied_at_kill = await ledger_size(engine)
+            assert applied_at_kill < len(agents) + len(sent), "killed after the backlog was done"
+
+            second = worker_process(**FAST_POOL)
+            await wait_until(
+                lambda: ledger_size(engine), lambda n: n >= len(agents) + len(sent), within=60
+            )
+            assert await stop_gracefully(second) == 0
+            backlog = await amqp.lane_backlog(PARTITIONS)
+
+            assert backlog == dict.fromkeys(backlog, 0)
+            assert await balances(engine) == {a: (allocated[a], used[a]) for a in agents}
+            ledger = await ledger_ids(engine)
+            assert sum(len(ids) for ids in ledger.values()) == len(agents) + len(sent)
+            assert {a: sorted(ids) for a, ids in ledger.items()} == {
+                a: sorted([f"{a}:allocate"] + [m for b, m, _ in sent if b == a]) for a in agents
+            }
+            assert len(await processed_ids(engine)) == 2 * len(agents) + len(sent)
+        # Every consume answered at least once (a redelivered one twice, identically).
+        expected = {m for _, m, _ in sent}
+        await replies.wait_for(lambda ms: {m.correlation_id for m in ms} >= expected, within=30)
+        assert {m.correlation_id for m in replies.messages} == expected
+
+
+@pytest.mark.slow
+async def test_sigterm_exits_cleanly_and_returns_unapplied_commands_to_the_queue(
+    worker_process: Callable[..., WorkerProcess], amqp_url: str, database_url: str
+) -> None:
+    agents = [f"agent-{n:02d}" for n in range(20)]
+    sent = consumes(agents, 100, seed=5)
+    used = {a: sum(t for b, _, t in sent if b == a) for a in agents}
+    first = worker_process(batch_max=16, prefetch=64, **FAST_POOL)
+    await asyncio.to_thread(first.wait_ready, 60)
+    async with open_amqp(amqp_url) as amqp, reader(database_url) as engine:
+        await setup_agents(amqp, {a: 10**6 for a in agents})
+        publishing = asyncio.create_task(amqp.publish_all(as_outgoing(sent), window=50))
+        await until_applied(first, len(agents) + len(sent) // 5)
+        first.signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(first.wait, 10)
+        assert exit_code == 0, first.tail()
+        await publishing
+        # Nothing consumes now: what was not applied must be waiting in the lanes,
+        # and nothing applied may be there a second time.
+        consumed_at_stop = await ledger_size(engine) - len(agents)
+        backlog = await amqp.lane_backlog(PARTITIONS)
+        assert consumed_at_stop + sum(backlog.values()) == len(sent), (consumed_at_stop, backlog)
+        assert 0 < consumed_at_stop < len(sent)
+
+        second = worker_process(**FAST_POOL)
+        await wait_until(
+            lambda: ledger_size(engine), lambda n: n >= len(agents) + len(sent), within=60
+        )
+        assert await stop_gracefully(second) == 0
+        assert await balances(engine) == {a: (10**6, used[a]) for a in agents}
+        assert await ledger_size(engine) == len(agents) + len(sent)
+    assert any(e.get("event") == "worker_stopped" for e in first.events())
+
+
+async def run_cli(*args: str, within: float = 60.0, **settings: object) -> tuple[int, str]:
+    """``python -m worker ARGS`` with ``BUDGET_*`` settings; exit code and output."""
+    env = {
+        **os.environ,
+        "BUDGET_LOG_FORMAT": "json",
+        **{f"BUDGET_{key.upper()}": str(value) for key, value in settings.items()},
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", *args, env=env, cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), within)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return process.returncode or 0, output.decode(errors="replace")
+
+
+async def test_check_passes_when_broker_and_database_are_reachable(
+    amqp_url: str, database_url: str
+) -> None:
+    code, output = await run_cli("--check", amqp_url=amqp_url, database_url=database_url)
+    assert code == 0, output
+    assert "rabbitmq: ok" in output
+    assert "database: ok" in output
+
+
+async def test_check_fails_when_the_database_is_unreachable(amqp_url: str) -> None:
+    code, output = await run_cli(
+        "--check", amqp_url=amqp_url,
+        database_url="postgresql+asyncpg://postgres@127.0.0.1:1/budget",
+    )
+    assert code == 1, output
+    assert "rabbitmq: ok" in output
+    assert "database: unreachable" in output
+
+
+async def test_check_fails_when_the_broker_is_unreachable(tmp_path: Path) -> None:
+    code, output = await run_cli(
+        "--check", amqp_url="amqp://guest:guest@127.0.0.1:1/",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
+    )
+    assert code == 1, output
+    assert "rabbitmq: unreachable" in output
+    assert "database: ok" in output
+
+
+async def test_worker_exits_2_when_the_broker_holds_another_topology(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    # Lanes declared with another delivery limit: RabbitMQ never changes a
+    # queue's arguments, so the worker cannot start and says why (TopologyError).
+    await declare(amqp_url, delivery_limit=7)
+    code, output = await run_cli(
+        amqp_url=amqp_url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
+        partitions=PARTITIONS, delivery_limit=20,
+    )
+    assert code == 2, output
+    assert "budget-worker: the broker holds a queue or exchange with other settings" in output

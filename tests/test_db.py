@@ -1,0 +1,32 @@
+"""The engine's durability settings, and which errors count as transient."""
+
+from sqlalchemy import exc, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker.db import is_transient, redact_url
+
+
+async def test_commits_are_durable_before_they_return(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+            assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 2  # FULL
+        else:
+            assert (await conn.execute(text("SHOW synchronous_commit"))).scalar() == "on"
+
+
+def test_constraint_errors_are_not_transient() -> None:
+    error = exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+    assert not is_transient(error)
+
+
+def test_lost_connections_and_timeouts_are_transient() -> None:
+    assert is_transient(exc.OperationalError("SELECT 1", {}, Exception("database is locked")))
+    assert is_transient(ConnectionRefusedError())
+    assert is_transient(TimeoutError())
+
+
+def test_passwords_never_reach_the_log() -> None:
+    redacted = redact_url("postgresql+asyncpg://budget:s3cret@db:5432/budget")
+    assert "s3cret" not in redacted
+    assert redacted == "postgresql+asyncpg://budget:***@db:5432/budget"

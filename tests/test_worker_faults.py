@@ -13,8 +13,11 @@ import pytest
 
 from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
 from tests.db_helpers import balances, ledger_ids, ledger_size, processed_ids, reader, wait_until
+from tests.inprocess import running
 from tests.processes import WorkerProcess
-from worker.topology import TopologySpec, declare_topology
+from worker.app import Worker
+from worker.settings import Settings
+from worker.topology import TopologyError, TopologySpec, declare_topology
 
 PARTITIONS = 4
 #: Short pool timings, so that a successor takes a dead worker's partitions soon.
@@ -222,3 +225,16 @@ async def test_worker_exits_2_when_the_broker_holds_another_topology(
     )
     assert code == 2, output
     assert "budget-worker: the broker holds a queue or exchange with other settings" in output
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("other", [2, 8])
+async def test_worker_refuses_another_lane_count_than_the_deployment(
+    worker_settings: Settings, other: int
+) -> None:
+    first = Worker(worker_settings)  # declares 4 lanes
+    async with running(first):
+        pass
+    changed = Worker(worker_settings.model_copy(update={"partitions": other}))
+    with pytest.raises(TopologyError, match="BUDGET_PARTITIONS"):
+        await asyncio.wait_for(changed.run(), 60)

@@ -76,6 +76,7 @@ async def declare_topology(connection: AbstractConnection, spec: TopologySpec) -
             DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await dead_queue.bind(dead)
+        await _check_lane_count(connection, spec.partitions)
         names = []
         for index in range(spec.partitions):
             name = lane_queue_name(index)
@@ -95,6 +96,40 @@ async def declare_topology(connection: AbstractConnection, spec: TopologySpec) -
         # After a connection-level refusal the channel is already gone.
         with contextlib.suppress(Exception):
             await channel.close()
+
+
+async def _queue_exists(connection: AbstractConnection, name: str) -> bool:
+    # A passive declare of a missing queue closes its channel: use a spare one.
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_queue(name, passive=True)
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+async def _check_lane_count(connection: AbstractConnection, partitions: int) -> None:
+    """Refuse to start with another lane count than the deployment's.
+
+    More lanes would re-map agents to lanes while commands are queued (their
+    order across the move would be lost); fewer would leave lanes bound to the
+    exchange that nobody consumes.
+    """
+    if await _queue_exists(connection, lane_queue_name(partitions)):
+        raise TopologyError(
+            f"lane {lane_queue_name(partitions)} exists: this deployment has more than "
+            f"BUDGET_PARTITIONS={partitions} lanes (docs/operations.md)"
+        )
+    if await _queue_exists(connection, lane_queue_name(0)) and not await _queue_exists(
+        connection, lane_queue_name(partitions - 1)
+    ):
+        raise TopologyError(
+            f"lane {lane_queue_name(partitions - 1)} is missing: this deployment has fewer "
+            f"than BUDGET_PARTITIONS={partitions} lanes (docs/operations.md)"
+        )
 
 
 async def _declare_commands_exchange(

@@ -13,16 +13,18 @@ from aio_pika.abc import AbstractConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import wire_guard
+from .auth import AuthPolicy
+from .background import Background
 from .committer import GroupCommitter
 from .db import create_engine, is_transient, redact_url
 from .lane import Lane, LaneConfig
-from .leases import LeaseStore, session_name
+from .leases import LeaseStore, recorded_partitions, session_name
 from .logging import get_logger
 from .migrate import upgrade
 from .outcomes import Fence
 from .pool import Pool
 from .service import BudgetService
-from .settings import Settings
+from .settings import AuthMode, Settings
 from .topology import TopologyError, TopologySpec, declare_topology
 
 __all__ = ["Worker", "connect_amqp"]
@@ -54,6 +56,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._log = get_logger(worker=self.name)
         self._engine: AsyncEngine | None = None
+        self._budget: BudgetService | None = None
 
     def stop(self) -> None:
         """Finish the batches in hand, return the rest, leave the pool."""
@@ -75,14 +78,20 @@ class Worker:
             amqp=redact_url(settings.amqp_url.get_secret_value()),
             database=redact_url(database_url),
             partitions=self.topology.partitions,
+            auth=settings.auth.value,
+            admin_users=len(settings.admin_users),
         )
+        if settings.auth is AuthMode.USER_ID and not settings.admin_users:
+            self._log.warning("no_admin_users", why="nobody can register agents or allocate")
         service: GroupCommitter | None = None
         try:
             if settings.migrate_on_start:
                 await self._until_done("migrate", lambda: upgrade(self._require_engine()))
+            await self._check_partitions()
             engine = self._require_engine()
+            self._budget = BudgetService(engine, reservation_ttl=settings.reservation_ttl)
             service = GroupCommitter(
-                BudgetService(engine),
+                self._budget,
                 writers=1 if engine.dialect.name == "sqlite" else 2,
                 max_commands=max(settings.batch_max * 4, 1024),
             )
@@ -110,6 +119,7 @@ class Worker:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         lanes: dict[int, tuple[Lane, asyncio.Task[None]]] = {}
+        background: Background | None = None
         try:
             names = await declare_topology(connection, self.topology)
             config = self._lane_config()
@@ -142,6 +152,10 @@ class Worker:
                     if not task.done() and lane.fence is not None
                 }
 
+            assert self._budget is not None
+            background = Background.start(
+                self._budget, connection, self.settings, lambda: set(running()), self._log
+            )
             pool = Pool(
                 self._lease_store(),
                 start_lane=start_lane,
@@ -178,8 +192,20 @@ class Worker:
             for lane, task in lanes.values():
                 lane.stop()
                 task.cancel()
+            if background is not None:
+                await background.close()
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    async def _check_partitions(self) -> None:
+        recorded = await recorded_partitions(self._require_engine())
+        if recorded and recorded != self.topology.partitions:
+            # More lanes would re-map agents to lanes while their commands
+            # are queued; fewer would strand the lanes nobody consumes.
+            raise TopologyError(
+                f"this database's deployment has {recorded} partitions, not "
+                f"BUDGET_PARTITIONS={self.topology.partitions} (docs/operations.md)"
+            )
 
     def _lane_config(self) -> LaneConfig:
         return LaneConfig(
@@ -188,6 +214,7 @@ class Worker:
             max_body_bytes=self.settings.max_body_bytes,
             retry_max_seconds=self.settings.retry_max_seconds,
             log_ops=self.settings.log_level.lower() in ("debug", "info"),
+            auth=AuthPolicy.from_settings(self.settings),
         )
 
     def _lease_store(self) -> LeaseStore:

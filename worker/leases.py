@@ -26,6 +26,7 @@ __all__ = [
     "PoolView",
     "db_now",
     "pool_view",
+    "recorded_partitions",
     "session_name",
 ]
 
@@ -209,6 +210,13 @@ class LeaseStore:
                 .values(owner=None, expires_at=0.0)
             )
             await conn.execute(delete(workers).where(workers.c.worker_id == self.worker_id))
+
+
+async def recorded_partitions(engine: AsyncEngine) -> int:
+    """How many partitions this database's deployment has (0 before the first start)."""
+    async with engine.connect() as conn:
+        count = (await conn.execute(select(func.count()).select_from(partition_leases))).scalar()
+        return int(count or 0)
 
 
 async def pool_view(engine: AsyncEngine, member_ttl: float) -> PoolView:

@@ -112,23 +112,14 @@ async def _queue_exists(connection: AbstractConnection, name: str) -> bool:
 
 
 async def _check_lane_count(connection: AbstractConnection, partitions: int) -> None:
-    """Refuse to start with another lane count than the deployment's.
-
-    More lanes would re-map agents to lanes while commands are queued (their
-    order across the move would be lost); fewer would leave lanes bound to the
-    exchange that nobody consumes.
-    """
+    """Refuse to start with fewer lanes than the deployment has: the extra lanes
+    would stay bound to the exchange with nobody consuming them. (More lanes
+    than the deployment's is caught against the database, which knows the
+    count without racing workers that are still declaring.)"""
     if await _queue_exists(connection, lane_queue_name(partitions)):
         raise TopologyError(
             f"lane {lane_queue_name(partitions)} exists: this deployment has more than "
             f"BUDGET_PARTITIONS={partitions} lanes (docs/operations.md)"
-        )
-    if await _queue_exists(connection, lane_queue_name(0)) and not await _queue_exists(
-        connection, lane_queue_name(partitions - 1)
-    ):
-        raise TopologyError(
-            f"lane {lane_queue_name(partitions - 1)} is missing: this deployment has fewer "
-            f"than BUDGET_PARTITIONS={partitions} lanes (docs/operations.md)"
         )
 
 

@@ -18,9 +18,13 @@ from .errors import (
     NotDelivered,
     ReplyLost,
     RequestTimeout,
+    ReservationClosedError,
+    ReservationNotFoundError,
+    UnauthorizedError,
     refusal_for,
     refusal_from_wire,
 )
+from .reservations import Reservation, ReservationScope
 
 __all__ = [
     "AgentNotFoundError",
@@ -41,6 +45,11 @@ __all__ = [
     "ReplyLost",
     "ReplyQueue",
     "RequestTimeout",
+    "Reservation",
+    "ReservationClosedError",
+    "ReservationNotFoundError",
+    "ReservationScope",
+    "UnauthorizedError",
     "new_message_id",
     "refusal_for",
     "refusal_from_wire",

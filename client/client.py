@@ -63,6 +63,7 @@ from .errors import (
     RequestTimeout,
     refusal_from_wire,
 )
+from .reservations import ReservationCommands
 
 __all__ = ["BudgetClient", "ReplyQueue", "new_message_id"]
 
@@ -84,7 +85,7 @@ class _Pending:
     connection: AbstractConnection
 
 
-class BudgetClient:
+class BudgetClient(ReservationCommands):
     """One connection; safe for many concurrent calls from one event loop.
 
     Use ``client = await BudgetClient.connect(url)`` and ``await client.close()``,
@@ -98,6 +99,7 @@ class BudgetClient:
         timeout: float = 5.0,
         reply_queue: ReplyQueue = "direct",
         name: str | None = None,
+        user_id: str | None = None,
     ) -> None:
         if reply_queue not in ("direct", "exclusive"):
             raise ValueError(f"reply_queue must be 'direct' or 'exclusive', not {reply_queue!r}")
@@ -105,6 +107,10 @@ class BudgetClient:
         self.reply_queue: ReplyQueue = reply_queue
         self._url = url
         self._name = name or f"budget-client {socket.gethostname()}:{os.getpid()}"
+        #: Sent as the AMQP ``user_id`` of every command. Required by a worker
+        #: with BUDGET_AUTH=user-id; must be the user of ``url``, or the broker
+        #: refuses the publish (NotDelivered).
+        self.user_id = user_id
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._reply_channel: AbstractChannel | None = None
@@ -123,9 +129,12 @@ class BudgetClient:
         timeout: float = 5.0,
         reply_queue: ReplyQueue = "direct",
         name: str | None = None,
+        user_id: str | None = None,
     ) -> "_Connecting":
         """Awaitable (returns the connected client) and an async context manager."""
-        return _Connecting(cls(url, timeout=timeout, reply_queue=reply_queue, name=name))
+        return _Connecting(
+            cls(url, timeout=timeout, reply_queue=reply_queue, name=name, user_id=user_id)
+        )
 
     async def __aenter__(self) -> "BudgetClient":
         await self._ready()
@@ -240,6 +249,7 @@ class BudgetClient:
             message_id=message_id,
             correlation_id=correlation_id,
             reply_to=self._reply_to if correlation_id is not None else None,
+            user_id=self.user_id,
         )
         what = f"{command.command_type.value} for {command.agent_id!r} (message_id {message_id})"
         try:
@@ -347,7 +357,8 @@ class BudgetClient:
             if isinstance(data, dict) and data.get("ok") is False:
                 future.set_exception(refusal_from_wire(data.get("error")))
             else:
-                future.set_result(OkReply.model_validate(data))
+                # Fields newer than this client are ignored: adding one never breaks it.
+                future.set_result(OkReply.model_validate(_known(data)))
         except (ValueError, ValidationError, BudgetClientError) as error:
             future.set_exception(InvalidReply(f"unreadable reply: {error}"[:1000]))
 
@@ -398,3 +409,9 @@ def _checked_message_id(message_id: str | None) -> str:
     if not message_id or len(message_id.encode()) > MESSAGE_ID_MAX_LENGTH:
         raise ValueError(f"message_id must be 1 to {MESSAGE_ID_MAX_LENGTH} bytes")
     return message_id
+
+
+def _known(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    return {key: value for key, value in data.items() if key in OkReply.model_fields}

@@ -27,6 +27,9 @@ __all__ = [
     "NotDelivered",
     "ReplyLost",
     "RequestTimeout",
+    "ReservationClosedError",
+    "ReservationNotFoundError",
+    "UnauthorizedError",
     "refusal_for",
     "refusal_from_wire",
 ]
@@ -101,6 +104,23 @@ class DatabaseRejectedError(CommandRefused):
     pass
 
 
+class UnauthorizedError(CommandRefused):
+    """The worker enforces ``BUDGET_AUTH=user-id`` and this client's broker user
+    may not send this command, or the client sent no ``user_id`` (pass
+    ``user_id`` to ``BudgetClient``). Nothing was changed or recorded; a retry
+    from the same user is refused again."""
+
+
+class ReservationNotFoundError(CommandRefused):
+    """``commit`` or ``release`` of a reservation this agent never made."""
+
+
+class ReservationClosedError(CommandRefused):
+    """The reservation was already committed, released or expired (the message
+    says which). An expired hold cannot be committed: record the usage with
+    ``consume`` if it must count, and give later holds a longer ``ttl_seconds``."""
+
+
 class RequestTimeout(BudgetClientError):
     """No reply in time. The command may or may not have been applied: retry
     with the SAME message_id, which the worker deduplicates, to find out."""
@@ -143,6 +163,9 @@ _BY_CODE: dict[str, type[CommandRefused]] = {
     ErrorCode.CONFLICT: ConflictError,
     ErrorCode.BALANCE_OVERFLOW: BalanceOverflowError,
     ErrorCode.DATABASE_REJECTED: DatabaseRejectedError,
+    ErrorCode.RESERVATION_NOT_FOUND: ReservationNotFoundError,
+    ErrorCode.RESERVATION_CLOSED: ReservationClosedError,
+    ErrorCode.UNAUTHORIZED: UnauthorizedError,
 }
 
 

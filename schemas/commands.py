@@ -8,9 +8,23 @@ a producer never passes silently.
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+)
 
-from .limits import AGENT_ID_MAX_LENGTH, AGENT_ID_PATTERN, MAX_TOKENS
+from .limits import (
+    AGENT_ID_MAX_LENGTH,
+    AGENT_ID_PATTERN,
+    MAX_RESERVATION_TTL_SECONDS,
+    MAX_THRESHOLDS,
+    MAX_TOKENS,
+    RESERVATION_ID_PATTERN,
+)
 
 __all__ = [
     "COMMAND_ADAPTER",
@@ -18,11 +32,19 @@ __all__ = [
     "Allocate",
     "Command",
     "CommandType",
+    "Commit",
     "Consume",
+    "ExpireReservations",
     "GetAvailable",
     "GetBudget",
     "RegisterAgent",
+    "Release",
+    "ReservationId",
+    "Reserve",
+    "SetThresholds",
+    "Thresholds",
     "Tokens",
+    "UsedTokens",
     "parse_command",
 ]
 
@@ -33,6 +55,12 @@ class CommandType(StrEnum):
     CONSUME = "consume"
     GET_BUDGET = "get_budget"
     GET_AVAILABLE = "get_available"
+    RESERVE = "reserve"
+    COMMIT = "commit"
+    RELEASE = "release"
+    SET_THRESHOLDS = "set_thresholds"
+    #: Internal: published by the workers' sweeper (docs/protocol.md, §4).
+    EXPIRE_RESERVATIONS = "expire_reservations"
 
 
 AgentId: TypeAlias = Annotated[
@@ -42,13 +70,35 @@ AgentId: TypeAlias = Annotated[
     ),
 ]
 Tokens: TypeAlias = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
+#: What a ``commit`` reports as really used: 0 means the hold was not needed.
+UsedTokens: TypeAlias = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)]
+TtlSeconds: TypeAlias = Annotated[int, Field(strict=True, ge=1, le=MAX_RESERVATION_TTL_SECONDS)]
+ReservationId: TypeAlias = Annotated[
+    str, StringConstraints(strict=True, min_length=1, max_length=64, pattern=RESERVATION_ID_PATTERN)
+]
+
+
+def _normalized(values: tuple[int, ...]) -> tuple[int, ...]:
+    # Order and repeats carry no meaning: sorted and unique, so that two
+    # spellings of one setting are the same command (same fingerprint).
+    return tuple(sorted(set(values)))
+
+
+Thresholds: TypeAlias = Annotated[
+    tuple[Annotated[int, Field(strict=True, ge=1, le=100)], ...],
+    Field(max_length=MAX_THRESHOLDS),
+    AfterValidator(_normalized),
+]
 
 
 class _Command(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    #: True for commands that change state: they must carry a ``message_id``.
+    #: True for commands that change state: they must carry a ``message_id``,
+    #: and their first outcome is recorded under it.
     changes_state: ClassVar[bool] = True
+    #: True for commands only the workers send (``expire_reservations``).
+    internal: ClassVar[bool] = False
 
     agent_id: AgentId
 
@@ -81,8 +131,60 @@ class GetAvailable(_Command):
     type: Literal["get_available"]
 
 
+class Reserve(_Command):
+    """Hold ``tokens`` for a call whose cost is not known yet."""
+
+    type: Literal["reserve"]
+    tokens: Tokens
+    #: Seconds until an unsettled hold expires; the worker's default if absent.
+    ttl_seconds: TtlSeconds | None = None
+
+
+class Commit(_Command):
+    """Settle a hold: ``tokens`` were really used, the rest of the hold is freed."""
+
+    type: Literal["commit"]
+    reservation_id: ReservationId
+    tokens: UsedTokens
+
+
+class Release(_Command):
+    """Free a hold unused."""
+
+    type: Literal["release"]
+    reservation_id: ReservationId
+
+
+class SetThresholds(_Command):
+    """Replace the budget's usage thresholds, in percent of allocated tokens."""
+
+    type: Literal["set_thresholds"]
+    thresholds: Thresholds
+
+
+class ExpireReservations(_Command):
+    """Expire the agent's overdue holds now, in order with its other commands.
+
+    Sent by the workers' sweeper, not by agents. Not recorded: expiring twice
+    is expiring once, so it needs no ``message_id``.
+    """
+
+    changes_state: ClassVar[bool] = False
+    internal: ClassVar[bool] = True
+    type: Literal["expire_reservations"]
+
+
 Command: TypeAlias = Annotated[
-    RegisterAgent | Allocate | Consume | GetBudget | GetAvailable,
+    RegisterAgent
+    | Allocate
+    | Consume
+    | GetBudget
+    | GetAvailable
+    | Reserve
+    | Commit
+    | Release
+    | SetThresholds
+    | ExpireReservations,
     Field(discriminator="type"),
 ]
 

@@ -18,3 +18,9 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"
     BALANCE_OVERFLOW = "balance_overflow"
     DATABASE_REJECTED = "database_rejected"
+    #: BUDGET_AUTH=user-id: the sender's validated ``user_id`` may not send this command.
+    UNAUTHORIZED = "unauthorized"
+    #: ``commit`` or ``release`` of a reservation this agent never made.
+    RESERVATION_NOT_FOUND = "reservation_not_found"
+    #: ``commit`` or ``release`` of a reservation already committed, released or expired.
+    RESERVATION_CLOSED = "reservation_closed"

@@ -7,9 +7,14 @@ __all__ = [
     "AGENT_ID_MAX_LENGTH",
     "AGENT_ID_PATTERN",
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_RESERVATION_TTL_SECONDS",
+    "DEFAULT_THRESHOLDS",
     "MAX_BALANCE",
+    "MAX_RESERVATION_TTL_SECONDS",
+    "MAX_THRESHOLDS",
     "MAX_TOKENS",
     "MESSAGE_ID_MAX_LENGTH",
+    "RESERVATION_ID_PATTERN",
     "is_valid_agent_id",
 ]
 
@@ -30,6 +35,17 @@ AGENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 MESSAGE_ID_MAX_LENGTH: Final = 255
 
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024
+
+#: A hold lives at most a day: longer is a leak, not a reservation.
+MAX_RESERVATION_TTL_SECONDS: Final = 86400
+#: The worker's default (``BUDGET_RESERVATION_TTL``) when ``reserve`` names none.
+DEFAULT_RESERVATION_TTL_SECONDS: Final = 300
+RESERVATION_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+
+#: Usage thresholds (percent of allocated tokens) of a budget nobody configured.
+DEFAULT_THRESHOLDS: Final = (50, 80, 100)
+#: Thresholds are whole percents 1..100, so at most 100 distinct ones.
+MAX_THRESHOLDS: Final = 100
 
 _AGENT_ID = re.compile(AGENT_ID_PATTERN)
 

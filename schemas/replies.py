@@ -2,14 +2,15 @@
 
 import json
 from datetime import datetime
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .commands import AgentId, CommandType
 from .errors import ErrorCode
 
 __all__ = [
+    "RESERVATION_FIELDS",
     "BudgetView",
     "ErrorBody",
     "ErrorReply",
@@ -26,27 +27,62 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _reserved_defaults_to_zero(data: Any) -> Any:
+    # Replies recorded before reservations existed have no reserved_tokens,
+    # and a duplicate replays them byte for byte: a budget then held nothing.
+    if (
+        isinstance(data, dict)
+        and "reserved_tokens" not in data
+        and data.get("allocated_tokens") is not None
+    ):
+        return {**data, "reserved_tokens": 0}
+    return data
+
+
 class BudgetView(_Wire):
     """An agent's budget. The token fields are null only in the reply to
-    ``register_agent`` for an agent that has no budget yet."""
+    ``register_agent`` for an agent that has no budget yet.
+
+    ``available_tokens = allocated_tokens - used_tokens - reserved_tokens``.
+    """
 
     agent_id: AgentId
     allocated_tokens: int | None
     used_tokens: int | None
+    #: Held by open reservations: neither used nor available.
+    reserved_tokens: int | None = None
     available_tokens: int | None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reserved_default(cls, data: Any) -> Any:
+        return _reserved_defaults_to_zero(data)
+
+
+#: Fields only the reply to ``reserve`` carries; absent from every other reply.
+RESERVATION_FIELDS = frozenset({"reservation_id", "expires_at"})
 
 
 class OkReply(_Wire):
-    """Success: the budget after the command (see ``BudgetView``)."""
+    """Success: the budget after the command (see ``BudgetView``); the reply to
+    ``reserve`` also names the reservation and when it expires."""
 
     ok: Literal[True] = True
     agent_id: AgentId
     allocated_tokens: int | None
     used_tokens: int | None
+    reserved_tokens: int | None = None
     available_tokens: int | None
+    reservation_id: str | None = None
+    expires_at: datetime | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reserved_default(cls, data: Any) -> Any:
+        return _reserved_defaults_to_zero(data)
 
     def view(self) -> BudgetView:
-        return BudgetView.model_validate(self.model_dump(exclude={"ok"}))
+        return BudgetView.model_validate(self.model_dump(exclude={"ok", *RESERVATION_FIELDS}))
 
 
 class ValidationIssue(_Wire):
@@ -73,9 +109,12 @@ Reply: TypeAlias = OkReply | ErrorReply
 
 
 def encode_reply(reply: Reply) -> bytes:
-    """The reply's body; absent error details are left out, not sent as null."""
+    """The reply's body; absent error details and reservation fields are left
+    out, not sent as null."""
     if isinstance(reply, ErrorReply):
         return reply.model_dump_json(exclude_none=True).encode()
+    if reply.reservation_id is None:
+        return reply.model_dump_json(exclude=set(RESERVATION_FIELDS)).encode()
     return reply.model_dump_json().encode()
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "HEADER_LANE",
     "lane_queue_name",
     "refused_routing_key",
+    "threshold_routing_key",
 ]
 
 COMMANDS_EXCHANGE: Final = "budget.commands"
@@ -39,3 +40,8 @@ def lane_queue_name(index: int) -> str:
 def refused_routing_key(code: str) -> str:
     """Routing key of the event published for a refused fire-and-forget command."""
     return f"budget.refused.{code}"
+
+
+def threshold_routing_key(percent: int) -> str:
+    """Routing key of the event published when usage crosses ``percent`` of a budget."""
+    return f"budget.threshold.{percent}"

@@ -79,7 +79,8 @@ async def test_allocate_prints_the_budget(ctl: Ctl, client: BudgetClient) -> Non
     agent = unique("agent")
     await client.register_agent(agent)
     run = await ctl("allocate", agent, "100")
-    assert (run.code, run.out) == (0, f"{agent}: allocated=100 used=0 available=100\n"), run.err
+    expected = f"{agent}: allocated=100 used=0 reserved=0 available=100\n"
+    assert (run.code, run.out) == (0, expected), run.err
 
 
 async def test_consume_wait_prints_the_budget_after_consuming(
@@ -87,7 +88,8 @@ async def test_consume_wait_prints_the_budget_after_consuming(
 ) -> None:
     agent = await funded(client, 100)
     run = await ctl("consume", agent, "30", "--wait")
-    assert (run.code, run.out) == (0, f"{agent}: allocated=100 used=30 available=70\n"), run.err
+    expected = f"{agent}: allocated=100 used=30 reserved=0 available=70\n"
+    assert (run.code, run.out) == (0, expected), run.err
 
 
 async def test_consume_is_confirmed_then_applied(ctl: Ctl, client: BudgetClient) -> None:
@@ -107,7 +109,8 @@ async def test_show_prints_the_budget_as_text_or_json(ctl: Ctl, client: BudgetCl
     agent = await funded(client, 50)
     await client.consume_and_wait(agent, 8)
     text, as_json = await ctl("show", agent), await ctl("show", agent, "--json")
-    assert (text.code, text.out) == (0, f"{agent}: allocated=50 used=8 available=42\n"), text.err
+    expected = f"{agent}: allocated=50 used=8 reserved=0 available=42\n"
+    assert (text.code, text.out) == (0, expected), text.err
     assert BudgetView.model_validate_json(as_json.out) == BudgetView(
         agent_id=agent, allocated_tokens=50, used_tokens=8, available_tokens=42
     )
@@ -121,7 +124,8 @@ async def test_list_prints_agents_in_order(ctl: Ctl, client: BudgetClient) -> No
     run = await ctl("list")
     assert (run.code, run.out) == (
         0,
-        f"{prefix}-a: registered, no budget yet\n{prefix}-b: allocated=9 used=0 available=9\n",
+        f"{prefix}-a: registered, no budget yet\n"
+        f"{prefix}-b: allocated=9 used=0 reserved=0 available=9\n",
     ), run.err
     limited = await ctl("list", "--limit", "1", "--json")
     assert [json.loads(line)["agent_id"] for line in limited.out.splitlines()] == [f"{prefix}-a"]
@@ -132,7 +136,8 @@ async def test_retry_with_the_same_message_id_applies_once(ctl: Ctl, client: Bud
     await client.register_agent(agent)
     first = await ctl("allocate", agent, "10", "--message-id", "grant-1")
     again = await ctl("allocate", agent, "10", "--message-id", "grant-1")
-    assert first.out == again.out == f"{agent}: allocated=10 used=0 available=10\n", again.err
+    expected = f"{agent}: allocated=10 used=0 reserved=0 available=10\n"
+    assert first.out == again.out == expected, again.err
     assert await client.get_available(agent) == 10
 
 

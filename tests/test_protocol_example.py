@@ -58,10 +58,12 @@ async def test_plain_amqp_client_gets_the_documented_replies(
     ]
     assert got["register_agent"] == {
         "ok": True, "agent_id": agent,
-        "allocated_tokens": None, "used_tokens": None, "available_tokens": None,
+        "allocated_tokens": None, "used_tokens": None, "reserved_tokens": None,
+        "available_tokens": None,
     }
     budget = {"ok": True, "agent_id": agent,
-              "allocated_tokens": 100, "used_tokens": 30, "available_tokens": 70}
+              "allocated_tokens": 100, "used_tokens": 30, "reserved_tokens": 0,
+              "available_tokens": 70}
     assert got["allocate"] == {**budget, "used_tokens": 0, "available_tokens": 100}
     assert got["consume"] == budget
     error = got["consume_refused"]["error"]

@@ -99,7 +99,7 @@ def test_a_top_level_value_that_is_not_an_object_is_refused(raw: bytes) -> None:
     refused(raw)
 
 
-@pytest.mark.parametrize("kind", ["reserve", "CONSUME", "Consume", "", "consume ", "delete"])
+@pytest.mark.parametrize("kind", ["refund", "CONSUME", "Consume", "", "consume ", "delete"])
 def test_an_unknown_type_is_refused(kind: str) -> None:
     errors = refused(body(type=kind, agent_id="a", tokens=1)).errors()
     assert errors[0]["type"] == "union_tag_invalid"
@@ -285,6 +285,7 @@ def test_an_ok_reply_without_budget_sends_nulls() -> None:
         "agent_id": "a",
         "allocated_tokens": None,
         "used_tokens": None,
+        "reserved_tokens": None,
         "available_tokens": None,
     }
 

@@ -1,11 +1,12 @@
 """The one place that decides what happens to a delivery after its batch.
 
 FastStream calls this the acknowledgement watcher. Every path a delivery can
-take ends here: applied or refused (an outcome: answer and acknowledge),
-invalid or rejected by the database (dead-letter with the reason, answer if
-asked, acknowledge), database away (hold, retry the same batch later), or an
-unexpected failure (return everything unacknowledged to the broker, whose
-delivery limit dead-letters a message that keeps failing).
+take ends here: applied or refused, by the rules or by the authorization
+policy (an outcome: answer and acknowledge), invalid or rejected by the
+database (dead-letter with the reason, answer if asked, acknowledge),
+database away (hold, retry the same batch later), or an unexpected failure
+(return everything unacknowledged to the broker, whose delivery limit
+dead-letters a message that keeps failing).
 """
 
 from dataclasses import dataclass
@@ -39,7 +40,11 @@ class Settlement:
     reason: str | None = None
 
 
-_REFUSALS = frozenset({OutcomeKind.REFUSED, OutcomeKind.DUPLICATE, OutcomeKind.CONFLICT})
+#: Refusals announced as events when fire-and-forget. UNAUTHORIZED covers
+#: queries too: an attempt on another agent's budget deserves a trace.
+_REFUSALS = frozenset(
+    {OutcomeKind.REFUSED, OutcomeKind.DUPLICATE, OutcomeKind.CONFLICT, OutcomeKind.UNAUTHORIZED}
+)
 
 
 def settle(result: Outcome | Invalid, *, has_reply_to: bool) -> Settlement:

@@ -1,36 +1,62 @@
 """One transaction's work: load a batch's agents, run the rules, write the results.
 
 Everything here runs inside a transaction the caller opened; nothing commits.
+The SQL is in ``batch_store``: a handful of reads for the whole batch, then
+one ``executemany`` per table.
 """
 
 import hashlib
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from schemas import Command, ErrorReply, encode_reply, parse_reply
+from schemas import (
+    DEFAULT_RESERVATION_TTL_SECONDS,
+    Command,
+    CommandType,
+    Commit,
+    ErrorReply,
+    Release,
+    ThresholdCrossedEvent,
+    encode_reply,
+    parse_reply,
+    threshold_routing_key,
+)
 
+from .batch_store import StaleState, Written, load_holds, load_processed, load_states, write
 from .errors import BudgetError, Conflict
-from .outcomes import Envelope, Fence, Outcome, OutcomeKind, StorageUnavailable
-from .rules import AgentState, apply_rule
-from .tables import agents, budgets, ledger, partition_leases, processed_commands
+from .outcomes import Envelope, Fence, Outcome, OutcomeKind
+from .reservations import expire_due
+from .rules import apply_rule
+from .state import AgentState, Crossing, RuleContext
+from .tables import partition_leases
 
-__all__ = ["StaleState", "apply_in_transaction", "fence_holds", "fingerprint"]
+__all__ = [
+    "Applied",
+    "StaleState",
+    "apply_in_transaction",
+    "event_id_for",
+    "fence_holds",
+    "fingerprint",
+]
 
-
-class StaleState(StorageUnavailable):
-    """A compare-and-set update found a balance changed by another writer."""
+#: Event ids are UUIDv5 of (agent, ledger seq, threshold) in this namespace:
+#: one crossing, one id, however often it is published.
+_EVENTS = uuid.UUID("6a0f7f0e-3c55-4f57-9d2e-2f4b8f1f8d11")
 
 
 @dataclass(frozen=True, slots=True)
-class _Prior:
-    fingerprint: str
-    body: bytes
+class Applied:
+    """What a transaction did: one outcome per item, and the events it recorded."""
+
+    outcomes: list[Outcome]
+    events: int = 0
 
 
 def fingerprint(command: Command) -> str:
@@ -39,17 +65,8 @@ def fingerprint(command: Command) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-_update_budget = (
-    update(budgets)
-    .where(budgets.c.agent_id == bindparam("b_agent_id"))
-    .where(budgets.c.ledger_seq == bindparam("b_old_seq"))
-    .values(
-        allocated_tokens=bindparam("b_allocated"),
-        used_tokens=bindparam("b_used"),
-        ledger_seq=bindparam("b_seq"),
-        updated_at=bindparam("b_now"),
-    )
-)
+def event_id_for(agent_id: str, seq: int, threshold: int) -> str:
+    return str(uuid.uuid5(_EVENTS, f"{agent_id}\x00{seq}\x00{threshold}"))
 
 
 async def apply_in_transaction(
@@ -58,164 +75,139 @@ async def apply_in_transaction(
     *,
     now: datetime,
     lock_rows: bool,
-) -> list[Outcome]:
+    default_ttl: int = DEFAULT_RESERVATION_TTL_SECONDS,
+) -> Applied:
     """Apply ``items`` in order inside the caller's transaction; write the results.
 
-    The balances of the agents involved are read once (under a lock), the
-    rules run in memory in delivery order, and what changed is written back
-    with one ``executemany`` per table.
+    The balances and holds of the agents involved are read once (under a
+    lock), the rules run in memory in delivery order, and what changed is
+    written back with one ``executemany`` per table. Before each command, the
+    agent's holds whose deadline is ``now`` or earlier expire: expiry takes
+    its place in the agent's own order of commands.
     """
     agent_ids = sorted({envelope.command.agent_id for envelope, _ in items})
-    states = await _load_states(conn, agent_ids, lock_rows=lock_rows)
-    seen = await _load_processed(
+    states = await load_states(conn, agent_ids, lock_rows=lock_rows)
+    referenced = {
+        e.command.reservation_id for e, _ in items if isinstance(e.command, Commit | Release)
+    }
+    await load_holds(conn, states, referenced)
+    seen = await load_processed(
         conn,
         [e.message_id for e, _ in items if e.message_id is not None and e.command.changes_state],
     )
     outcomes: list[Outcome] = []
-    processed_rows: list[dict[str, Any]] = []
-    ledger_rows: list[dict[str, Any]] = []
+    rows: Written = {"ledger": [], "processed": [], "outbox": []}
     for envelope, fence in items:
         command = envelope.command
         state = states[command.agent_id]
+        marks = len(state.changes), len(state.crossings)
+        expire_due(state, now)
+        ctx = RuleContext(now, envelope.message_id, default_ttl)
         if not command.changes_state:
-            outcomes.append(_query(state, command))
-            continue
-        message_id = envelope.message_id
-        if message_id is None:  # the lane refuses these before they get here
-            raise ValueError("a state-changing command needs a message_id")
-        print_ = fingerprint(command)
-        prior = seen.get(message_id)
-        if prior is not None:
-            outcomes.append(_replay(prior, print_, message_id))
-            continue
-        try:
-            reply, change = apply_rule(state, command)
-        except BudgetError as refusal:
-            error_reply = ErrorReply(error=refusal.to_body())
-            body = encode_reply(error_reply)
-            outcomes.append(Outcome(OutcomeKind.REFUSED, error_reply, body))
+            outcomes.append(_query(state, command, ctx))
         else:
-            body = encode_reply(reply)
-            outcomes.append(Outcome(OutcomeKind.APPLIED, reply, body))
-            if change is not None:
-                ledger_rows.append(
-                    {
-                        "agent_id": command.agent_id,
-                        "seq": change.seq,
-                        "message_id": message_id,
-                        "kind": change.kind,
-                        "amount": change.amount,
-                        "allocated_after": change.allocated_after,
-                        "used_after": change.used_after,
-                        "created_at": now,
-                        "worker_id": fence.owner if fence else None,
-                        "lease_partition": fence.partition if fence else None,
-                        "lease_epoch": fence.epoch if fence else None,
-                    }
-                )
-        seen[message_id] = _Prior(print_, body)
-        processed_rows.append(
+            outcomes.append(_change(state, envelope, ctx, seen, rows["processed"]))
+        _collect(state, envelope, fence, marks, now, rows)
+    await write(conn, states.values(), rows, now)
+    return Applied(outcomes, len(rows["outbox"]))
+
+
+def _change(
+    state: AgentState,
+    envelope: Envelope,
+    ctx: RuleContext,
+    seen: dict[str, tuple[str, bytes]],
+    processed: list[dict[str, Any]],
+) -> Outcome:
+    command, message_id = envelope.command, envelope.message_id
+    if message_id is None:  # the lane refuses these before they get here
+        raise ValueError("a state-changing command needs a message_id")
+    print_ = fingerprint(command)
+    prior = seen.get(message_id)
+    if prior is not None:
+        return _replay(prior, print_, message_id)
+    try:
+        reply, _ = apply_rule(state, command, ctx)
+    except BudgetError as refusal:
+        error_reply = ErrorReply(error=refusal.to_body())
+        outcome = Outcome(OutcomeKind.REFUSED, error_reply, encode_reply(error_reply))
+    else:
+        outcome = Outcome(OutcomeKind.APPLIED, reply, encode_reply(reply))
+    seen[message_id] = (print_, outcome.body)
+    processed.append(
+        {
+            "message_id": message_id,
+            "agent_id": command.agent_id,
+            "command_type": command.command_type.value,
+            "fingerprint": print_,
+            "reply": outcome.body.decode(),
+            "created_at": ctx.now,
+        }
+    )
+    return outcome
+
+
+def _collect(
+    state: AgentState,
+    envelope: Envelope,
+    fence: Fence | None,
+    marks: tuple[int, int],
+    now: datetime,
+    rows: Written,
+) -> None:
+    """The ledger and outbox rows of what this command (and expiry before it) changed."""
+    lease = {
+        "worker_id": fence.owner if fence else None,
+        "lease_partition": fence.partition if fence else None,
+        "lease_epoch": fence.epoch if fence else None,
+    }
+    for change in state.changes[marks[0] :]:
+        rows["ledger"].append(
             {
-                "message_id": message_id,
-                "agent_id": command.agent_id,
-                "command_type": command.command_type.value,
-                "fingerprint": print_,
-                "reply": body.decode(),
+                "agent_id": state.agent_id,
+                "seq": change.seq,
+                "message_id": change.message_id or envelope.message_id,
+                "kind": change.kind,
+                "amount": change.amount,
+                "allocated_after": change.allocated_after,
+                "used_after": change.used_after,
+                "reserved_after": change.reserved_after,
+                "reservation_id": change.reservation_id,
                 "created_at": now,
+                **lease,
             }
         )
-    await _write(conn, states.values(), ledger_rows, processed_rows, now)
-    return outcomes
-
-
-async def _load_states(
-    conn: AsyncConnection, agent_ids: list[str], *, lock_rows: bool
-) -> dict[str, AgentState]:
-    states = {agent_id: AgentState(agent_id) for agent_id in agent_ids}
-    registered = await conn.execute(
-        select(agents.c.agent_id).where(agents.c.agent_id.in_(agent_ids))
-    )
-    for (agent_id,) in registered:
-        states[agent_id].registered = True
-    query = (
-        select(
-            budgets.c.agent_id,
-            budgets.c.allocated_tokens,
-            budgets.c.used_tokens,
-            budgets.c.ledger_seq,
+    for crossing in state.crossings[marks[1] :]:
+        rows["outbox"].append(
+            _event_row(state.agent_id, crossing, envelope.message_id or "", fence, now)
         )
-        .where(budgets.c.agent_id.in_(agent_ids))
-        .order_by(budgets.c.agent_id)
+
+
+def _event_row(
+    agent_id: str, crossing: Crossing, message_id: str, fence: Fence | None, now: datetime
+) -> dict[str, Any]:
+    event = ThresholdCrossedEvent(
+        event_id=event_id_for(agent_id, crossing.seq, crossing.threshold),
+        agent_id=agent_id,
+        threshold=crossing.threshold,
+        allocated_tokens=crossing.allocated,
+        used_tokens=crossing.used,
+        reserved_tokens=crossing.reserved,
+        command_type=CommandType(crossing.command_type),
+        message_id=message_id,
+        ledger_seq=crossing.seq,
+        occurred_at=now,
     )
-    if lock_rows:
-        query = query.with_for_update()
-    for agent_id, allocated, used, seq in await conn.execute(query):
-        state = states[agent_id]
-        state.has_budget = True
-        state.allocated, state.used = allocated, used
-        state.seq = state.stored_seq = seq
-    return states
-
-
-async def _load_processed(conn: AsyncConnection, message_ids: list[str]) -> dict[str, _Prior]:
-    if not message_ids:
-        return {}
-    rows = await conn.execute(
-        select(
-            processed_commands.c.message_id,
-            processed_commands.c.fingerprint,
-            processed_commands.c.reply,
-        ).where(processed_commands.c.message_id.in_(set(message_ids)))
-    )
-    return {mid: _Prior(fp, reply.encode()) for mid, fp, reply in rows}
-
-
-async def _write(
-    conn: AsyncConnection,
-    states: Any,
-    ledger_rows: list[dict[str, Any]],
-    processed_rows: list[dict[str, Any]],
-    now: datetime,
-) -> None:
-    new_agents = [{"agent_id": s.agent_id, "created_at": now} for s in states if s.new_agent]
-    new_budgets: list[dict[str, Any]] = []
-    changed: list[dict[str, Any]] = []
-    for state in states:
-        if not state.dirty:
-            continue
-        if state.stored_seq is None:
-            new_budgets.append(
-                {
-                    "agent_id": state.agent_id,
-                    "allocated_tokens": state.allocated,
-                    "used_tokens": state.used,
-                    "ledger_seq": state.seq,
-                    "updated_at": now,
-                }
-            )
-        else:
-            changed.append(
-                {
-                    "b_agent_id": state.agent_id,
-                    "b_old_seq": state.stored_seq,
-                    "b_allocated": state.allocated,
-                    "b_used": state.used,
-                    "b_seq": state.seq,
-                    "b_now": now,
-                }
-            )
-    if new_agents:
-        await conn.execute(insert(agents), new_agents)
-    if new_budgets:
-        await conn.execute(insert(budgets), new_budgets)
-    if changed:
-        result = await conn.execute(_update_budget, changed)
-        if result.rowcount not in (-1, len(changed)):
-            raise StaleState(f"{len(changed) - result.rowcount} balances changed underneath")
-    if ledger_rows:
-        await conn.execute(insert(ledger), ledger_rows)
-    if processed_rows:
-        await conn.execute(insert(processed_commands), processed_rows)
+    return {
+        "event_id": event.event_id,
+        "partition": fence.partition if fence else None,
+        "agent_id": agent_id,
+        "routing_key": threshold_routing_key(crossing.threshold),
+        "event_type": event.event,
+        "body": event.model_dump_json(),
+        "created_at": now,
+        "published_at": None,
+    }
 
 
 async def fence_holds(conn: AsyncConnection, fence: Fence) -> bool:
@@ -231,17 +223,18 @@ async def fence_holds(conn: AsyncConnection, fence: Fence) -> bool:
     return bool(held.rowcount == 1)
 
 
-def _query(state: AgentState, command: Command) -> Outcome:
+def _query(state: AgentState, command: Command, ctx: RuleContext) -> Outcome:
     try:
-        reply, _ = apply_rule(state, command)
+        reply, _ = apply_rule(state, command, ctx)
     except BudgetError as refusal:
         error_reply = ErrorReply(error=refusal.to_body())
         return Outcome(OutcomeKind.QUERY_REFUSED, error_reply, encode_reply(error_reply))
     return Outcome(OutcomeKind.QUERY, reply, encode_reply(reply))
 
 
-def _replay(prior: _Prior, print_: str, message_id: str) -> Outcome:
-    if prior.fingerprint == print_:
-        return Outcome(OutcomeKind.DUPLICATE, parse_reply(prior.body), prior.body)
+def _replay(prior: tuple[str, bytes], print_: str, message_id: str) -> Outcome:
+    print_before, body = prior
+    if print_before == print_:
+        return Outcome(OutcomeKind.DUPLICATE, parse_reply(body), body)
     error_reply = ErrorReply(error=Conflict(message_id).to_body())
     return Outcome(OutcomeKind.CONFLICT, error_reply, encode_reply(error_reply))

@@ -152,7 +152,7 @@ def _entry_line(entry: Any, as_json: bool) -> str:
     return (
         f"{entry.seq:>6} {entry.created_at:%Y-%m-%d %H:%M:%S} {entry.kind:<10} "
         f"{entry.amount:>12} -> allocated={entry.allocated_after} used={entry.used_after} "
-        f"({entry.message_id})"
+        f"reserved={entry.reserved_after} ({entry.message_id})"
     )
 
 
@@ -222,18 +222,19 @@ def _view_line(view: BudgetView, as_json: bool) -> str:
         return f"{view.agent_id}: registered, no budget yet"
     return (
         f"{view.agent_id}: allocated={view.allocated_tokens} used={view.used_tokens} "
-        f"available={view.available_tokens}"
+        f"reserved={view.reserved_tokens} available={view.available_tokens}"
     )
 
 
 def _row_line(row: dict[str, Any], as_json: bool) -> str:
-    allocated, used = row["allocated_tokens"], row["used_tokens"]
-    available = None if allocated is None else allocated - used
+    allocated, used, reserved = row["allocated_tokens"], row["used_tokens"], row["reserved_tokens"]
+    available = None if allocated is None else allocated - used - reserved
     return _view_line(
         BudgetView(
             agent_id=row["agent_id"],
             allocated_tokens=allocated,
             used_tokens=used,
+            reserved_tokens=reserved,
             available_tokens=available,
         ),
         as_json,

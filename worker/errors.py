@@ -10,6 +10,8 @@ __all__ = [
     "Conflict",
     "InsufficientBudget",
     "InvalidCommand",
+    "ReservationClosed",
+    "ReservationNotFound",
 ]
 
 
@@ -70,3 +72,18 @@ class Conflict(BudgetError):
 
     def __init__(self, message_id: str) -> None:
         super().__init__(f"message_id {message_id!r} was already used for a different command")
+
+
+class ReservationNotFound(BudgetError):
+    code = ErrorCode.RESERVATION_NOT_FOUND
+
+    def __init__(self, agent_id: str, reservation_id: str) -> None:
+        super().__init__(f"agent {agent_id!r} has no reservation {reservation_id!r}")
+
+
+class ReservationClosed(BudgetError):
+    code = ErrorCode.RESERVATION_CLOSED
+
+    def __init__(self, reservation_id: str, status: str) -> None:
+        super().__init__(f"reservation {reservation_id!r} is already {status}")
+        self.status = status

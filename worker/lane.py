@@ -11,7 +11,7 @@ processed-command records.
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
@@ -19,10 +19,11 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from schemas import ErrorBody, ErrorCode, ErrorReply, encode_reply
 
 from .acks import Disposition, settle, settle_failure
+from .auth import AuthPolicy, authorize, unauthorized_outcome
 from .decode import Invalid, decode
 from .outcomes import CommandApplier, Envelope, Fence, Fenced, Outcome, OutcomeKind
 from .publisher import Publisher
-from .wire_guard import has_invalid_text
+from .wire_guard import clean_text, has_invalid_text
 
 __all__ = ["Lane", "LaneConfig"]
 
@@ -36,6 +37,8 @@ class LaneConfig:
     max_body_bytes: int
     retry_max_seconds: float
     log_ops: bool = True
+    #: Checked per command before its batch reaches the database.
+    auth: AuthPolicy = field(default_factory=AuthPolicy)
 
 
 class _Stopping(Exception):
@@ -135,10 +138,20 @@ class Lane:
     async def _process(self, batch: list[AbstractIncomingMessage], publisher: Publisher) -> None:
         started = time.perf_counter()
         decoded = [self._decode(message) for message in batch]
-        envelopes = [item for item in decoded if isinstance(item, Envelope)]
+        # An unauthorized command never reaches the database: nothing of it is
+        # recorded, so nobody can burn another agent's message_id.
+        refused = [
+            self._authorize(message, item) for message, item in zip(batch, decoded, strict=True)
+        ]
+        envelopes = [
+            item
+            for item, refusal in zip(decoded, refused, strict=True)
+            if isinstance(item, Envelope) and refusal is None
+        ]
         outcomes = iter(await self._apply(envelopes))
         results: list[Outcome | Invalid] = [
-            item if isinstance(item, Invalid) else next(outcomes) for item in decoded
+            item if isinstance(item, Invalid) else refusal if refusal else next(outcomes)
+            for item, refusal in zip(decoded, refused, strict=True)
         ]
         pending = []
         for message, item, result in zip(batch, decoded, results, strict=True):
@@ -175,6 +188,23 @@ class Lane:
             content_encoding=message.content_encoding,
             max_body_bytes=self._config.max_body_bytes,
         )
+
+    def _authorize(
+        self, message: AbstractIncomingMessage, item: Envelope | Invalid
+    ) -> Outcome | None:
+        if not isinstance(item, Envelope):
+            return None
+        error = authorize(item.command, message.user_id, self._config.auth)
+        if error is None:
+            return None
+        self._log.warning(
+            "command_unauthorized",
+            message_id=clean_text(message.message_id),
+            user_id=clean_text(message.user_id),
+            agent=item.command.agent_id,
+            type=item.command.command_type.value,
+        )
+        return unauthorized_outcome(error)
 
     async def _apply(self, envelopes: list[Envelope]) -> list[Outcome]:
         delay = 0.05

@@ -14,6 +14,7 @@ __all__ = [
     "Fenced",
     "Outcome",
     "OutcomeKind",
+    "PendingEvent",
     "StorageUnavailable",
 ]
 
@@ -36,6 +37,9 @@ class OutcomeKind(StrEnum):
     #: The database refused the command even alone (a constraint it broke):
     #: the lane dead-letters it with the reason.
     REJECTED = "rejected"
+    #: Refused by the authorization policy before the batch reached the
+    #: database: answered like a refusal, never recorded (worker/auth.py).
+    UNAUTHORIZED = "unauthorized"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +81,14 @@ class CommandApplier(Protocol):
     async def apply(
         self, batch: Sequence[Envelope], fence: Fence | None = None
     ) -> list[Outcome]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An outbox row not yet published: the body is final, the id is its identity."""
+
+    id: int
+    event_id: str
+    routing_key: str
+    event_type: str
+    body: bytes

@@ -2,78 +2,43 @@
 
 The service loads the state of a batch's agents under a database lock, runs
 these rules in delivery order, and writes back what changed; CHECK constraints
-and compare-and-set updates stay the last guard.
+and compare-and-set updates stay the last guard. The rules of holds live in
+``reservations``; thresholds in ``thresholds``; the state in ``state``.
 """
-
-from dataclasses import dataclass, field
 
 from schemas import (
     MAX_BALANCE,
     Allocate,
     Command,
+    Commit,
     Consume,
+    ExpireReservations,
     GetAvailable,
     GetBudget,
     OkReply,
     RegisterAgent,
+    Release,
+    Reserve,
+    SetThresholds,
 )
 
+from . import reservations
 from .errors import AgentNotFound, BalanceOverflow, BudgetNotFound, InsufficientBudget
+from .state import AgentState, Change, RuleContext, record, view
+from .thresholds import use
 
-__all__ = ["AgentState", "Change", "apply_rule", "view"]
-
-
-@dataclass(slots=True)
-class Change:
-    """One ledger row: a change of an agent's balance."""
-
-    kind: str
-    amount: int
-    seq: int
-    allocated_after: int
-    used_after: int
+__all__ = ["AgentState", "Change", "RuleContext", "apply_rule", "view"]
 
 
-@dataclass(slots=True)
-class AgentState:
-    agent_id: str
-    registered: bool = False
-    has_budget: bool = False
-    allocated: int = 0
-    used: int = 0
-    #: Last ledger sequence number; ``stored_seq`` is its value in the database.
-    seq: int = 0
-    stored_seq: int | None = None
-    new_agent: bool = False
-    changes: list[Change] = field(default_factory=list)
+def apply_rule(
+    state: AgentState, command: Command, ctx: RuleContext | None = None
+) -> tuple[OkReply, Change | None]:
+    """Apply one command to ``state``; raise a ``BudgetError`` to refuse it unchanged.
 
-    @property
-    def available(self) -> int:
-        return self.allocated - self.used
-
-    @property
-    def dirty(self) -> bool:
-        return bool(self.changes)
-
-
-def view(state: AgentState) -> OkReply:
-    if not state.has_budget:
-        return OkReply(
-            agent_id=state.agent_id,
-            allocated_tokens=None,
-            used_tokens=None,
-            available_tokens=None,
-        )
-    return OkReply(
-        agent_id=state.agent_id,
-        allocated_tokens=state.allocated,
-        used_tokens=state.used,
-        available_tokens=state.available,
-    )
-
-
-def apply_rule(state: AgentState, command: Command) -> tuple[OkReply, Change | None]:
-    """Apply one command to ``state``; raise a ``BudgetError`` to refuse it unchanged."""
+    Returns the reply and the command's last ledger change, if any (a commit
+    writes two). Holds need ``ctx``: the clock and the command's message_id.
+    Overdue holds are expired by the caller first (``reservations.expire_due``).
+    """
     if isinstance(command, RegisterAgent):
         if not state.registered:
             state.registered = True
@@ -89,21 +54,27 @@ def apply_rule(state: AgentState, command: Command) -> tuple[OkReply, Change | N
             )
         state.has_budget = True
         state.allocated += command.tokens
-        return view(state), _record(state, "allocate", command.tokens)
+        change = record(state, "allocate", command.tokens)
+        return view(state), change
     if not state.has_budget:
         raise BudgetNotFound(state.agent_id)
     if isinstance(command, Consume):
         if command.tokens > state.available:
             raise InsufficientBudget(state.agent_id, command.tokens, state.available)
-        state.used += command.tokens
-        return view(state), _record(state, "consume", command.tokens)
-    if isinstance(command, GetBudget | GetAvailable):
+        change = use(state, "consume", command.tokens)
+        return view(state), change
+    if isinstance(command, GetBudget | GetAvailable | ExpireReservations):
         return view(state), None
+    if isinstance(command, SetThresholds):
+        state.thresholds = command.thresholds
+        state.thresholds_changed = True
+        return view(state), None
+    if ctx is None:
+        raise ValueError(f"{command.command_type.value} needs a RuleContext")
+    if isinstance(command, Reserve):
+        return reservations.reserve(state, command, ctx)
+    if isinstance(command, Commit):
+        return reservations.commit(state, command, ctx)
+    if isinstance(command, Release):
+        return reservations.release(state, command, ctx)
     raise AssertionError(f"unhandled command {command!r}")  # pragma: no cover
-
-
-def _record(state: AgentState, kind: str, amount: int) -> Change:
-    state.seq += 1
-    change = Change(kind, amount, state.seq, state.allocated, state.used)
-    state.changes.append(change)
-    return change

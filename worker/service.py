@@ -5,17 +5,27 @@ lanes' batches in one transaction, so a busy worker pays one commit (one
 fsync) for hundreds of commands.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import exc
+from sqlalchemy import exc, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import ErrorBody, ErrorCode, ErrorReply, encode_reply
+from schemas import DEFAULT_RESERVATION_TTL_SECONDS, ErrorBody, ErrorCode, ErrorReply, encode_reply
 
 from .batch import StaleState, apply_in_transaction, fence_holds, fingerprint
 from .db import is_transient
-from .outcomes import Envelope, Fence, Fenced, Outcome, OutcomeKind, StorageUnavailable
+from .outcomes import (
+    Envelope,
+    Fence,
+    Fenced,
+    Outcome,
+    OutcomeKind,
+    PendingEvent,
+    StorageUnavailable,
+)
+from .state import HoldStatus
+from .tables import outbox, reservations
 
 __all__ = ["BudgetService", "Request", "Result", "StaleState", "fingerprint"]
 
@@ -30,10 +40,21 @@ def _now() -> datetime:
 
 
 class BudgetService:
-    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        clock: Callable[[], datetime] = _now,
+        reservation_ttl: int = DEFAULT_RESERVATION_TTL_SECONDS,
+        on_events: Callable[[], None] | None = None,
+    ) -> None:
+        """``reservation_ttl``: seconds a hold lives when its reserve names none.
+        ``on_events``: called after a commit that recorded outbox events."""
         self._engine = engine
         self._clock = clock
+        self._ttl = reservation_ttl
         self._lock_rows = engine.dialect.name == "postgresql"
+        self.on_events = on_events
 
     async def apply(self, batch: Sequence[Envelope], fence: Fence | None = None) -> list[Outcome]:
         """Apply ``batch`` in order and commit; one outcome per envelope.
@@ -92,15 +113,63 @@ class BudgetService:
                 if results[index] is None:
                     live.append(index)
                     items.extend((envelope, fence) for envelope in batch)
-            outcomes = await apply_in_transaction(
-                conn, items, now=self._clock(), lock_rows=self._lock_rows
+            applied = await apply_in_transaction(
+                conn, items, now=self._clock(), lock_rows=self._lock_rows, default_ttl=self._ttl
             )
+        if applied.events and self.on_events is not None:
+            self.on_events()
+        outcomes = applied.outcomes
         position = 0
         for index in live:
             size = len(requests[index][0])
             results[index] = outcomes[position : position + size]
             position += size
         return [r if r is not None else [] for r in results]
+
+    # -- the outbox and the sweeper's reads (worker/outbox.py, worker/sweeper.py) --
+
+    async def pending_events(
+        self, partitions: Collection[int] | None, *, limit: int = 500
+    ) -> list[PendingEvent]:
+        """Unpublished events of ``partitions`` (all if None) in the order recorded.
+
+        Events recorded outside a pool (no partition) go with every partition.
+        """
+        query = select(
+            outbox.c.id, outbox.c.event_id, outbox.c.routing_key, outbox.c.event_type, outbox.c.body
+        ).where(outbox.c.published_at.is_(None))
+        if partitions is not None:
+            query = query.where(
+                or_(outbox.c.partition.in_(sorted(partitions)), outbox.c.partition.is_(None))
+            )
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(query.order_by(outbox.c.id).limit(limit))
+            return [PendingEvent(i, e, r, t, b.encode()) for i, e, r, t, b in rows]
+
+    async def mark_published(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_(list(ids)))
+                .where(outbox.c.published_at.is_(None))
+                .values(published_at=self._clock())
+            )
+
+    async def overdue_agents(self, *, limit: int = 1000) -> list[str]:
+        """Agents with an open hold past its deadline, most overdue first."""
+        deadline = func.min(reservations.c.expires_at)
+        query = (
+            select(reservations.c.agent_id)
+            .where(reservations.c.status == HoldStatus.OPEN)
+            .where(reservations.c.expires_at <= self._clock())
+            .group_by(reservations.c.agent_id)
+            .order_by(deadline, reservations.c.agent_id)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return [agent_id for (agent_id,) in await conn.execute(query)]
 
     async def _isolating(self, batch: Sequence[Envelope], fence: Fence | None) -> list[Outcome]:
         try:

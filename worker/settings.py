@@ -1,19 +1,37 @@
 """Configuration from the environment, every variable prefixed ``BUDGET_``."""
 
 from enum import StrEnum
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schemas import DEFAULT_MAX_BODY_BYTES
+from schemas import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_RESERVATION_TTL_SECONDS,
+    MAX_RESERVATION_TTL_SECONDS,
+)
 
-__all__ = ["LogFormat", "Settings"]
+__all__ = ["AuthMode", "LogFormat", "Settings"]
 
 
 class LogFormat(StrEnum):
     AUTO = "auto"
     JSON = "json"
     CONSOLE = "console"
+
+
+class AuthMode(StrEnum):
+    """Who may send which command (docs/protocol.md, "Authorization")."""
+
+    #: Anyone who can publish to ``budget.commands`` may send any command.
+    NONE = "none"
+    #: The broker-validated ``user_id`` property decides: an agent's user (the
+    #: user named like the agent) may consume and query only its own budget,
+    #: only ``admin_users`` may register and allocate, the workers' own user
+    #: (of ``amqp_url``) may send internal commands, and a command without
+    #: ``user_id`` is refused with ``unauthorized``.
+    USER_ID = "user-id"
 
 
 class Settings(BaseSettings):
@@ -46,5 +64,34 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=5, ge=1, le=100)
     #: Backoff cap while the broker or the database is away.
     retry_max_seconds: float = Field(default=10.0, gt=0)
+    #: ``BUDGET_AUTH``: ``none`` (default) or ``user-id``. Set it the same on
+    #: every worker: each applies its own policy to the lanes it holds.
+    auth: AuthMode = AuthMode.NONE
+    #: ``BUDGET_ADMIN_USERS``, comma-separated broker user names (``ops,billing``)
+    #: that may send every command in ``user-id`` mode. Give no user that may
+    #: publish commands RabbitMQ's ``impersonator`` tag: it could forge any
+    #: ``user_id``, an admin's included.
+    admin_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: ``BUDGET_RESERVATION_TTL``: seconds a hold lives when ``reserve`` names none.
+    reservation_ttl: int = Field(
+        default=DEFAULT_RESERVATION_TTL_SECONDS, ge=1, le=MAX_RESERVATION_TTL_SECONDS
+    )
+    #: How often each worker looks for overdue holds and asks their lanes to
+    #: expire them (an agent's own next command expires them anyway).
+    reservation_sweep_interval: float = Field(default=5.0, gt=0)
+    #: Publish recorded events (threshold crossings). ``false`` keeps them in
+    #: the outbox table until a worker with ``true`` holds their partition:
+    #: for maintenance and fault-injection tests, never needed otherwise.
+    outbox_publish: bool = True
+    #: How often the outbox is polled besides the wake-up after each commit.
+    outbox_poll_interval: float = Field(default=1.0, gt=0)
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
+
+    @field_validator("admin_users", mode="before")
+    @classmethod
+    def _split_users(cls, value: Any) -> Any:
+        # The environment gives one string; a list passes through as is.
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value

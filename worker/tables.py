@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "budgets",
     "ledger",
     "metadata",
+    "outbox",
     "partition_leases",
     "processed_commands",
+    "reservations",
     "workers",
 ]
 
@@ -51,9 +54,17 @@ budgets = Table(
     Column("used_tokens", BigInteger, nullable=False),
     Column("ledger_seq", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    #: Held by open reservations (sum of their tokens).
+    Column("reserved_tokens", BigInteger, nullable=False, server_default="0"),
+    #: Comma-separated percents, ascending; NULL means the defaults (50,80,100).
+    Column("thresholds", String(400), nullable=True),
     CheckConstraint("allocated_tokens >= 0", name="allocated_non_negative"),
     CheckConstraint("used_tokens >= 0", name="used_non_negative"),
     CheckConstraint("used_tokens <= allocated_tokens", name="used_within_allocated"),
+    CheckConstraint("reserved_tokens >= 0", name="reserved_non_negative"),
+    CheckConstraint(
+        "used_tokens + reserved_tokens <= allocated_tokens", name="held_within_allocated"
+    ),
 )
 
 #: Append-only: one row per change of a balance, numbered per agent.
@@ -72,8 +83,72 @@ ledger = Table(
     Column("worker_id", String(64), nullable=True),
     Column("lease_partition", Integer, nullable=True),
     Column("lease_epoch", BigInteger, nullable=True),
+    Column("reserved_after", BigInteger, nullable=False, server_default="0"),
+    #: The hold a reserve, release, expire, settle or commit row is about.
+    Column("reservation_id", String(64), nullable=True),
     PrimaryKeyConstraint("agent_id", "seq"),
     CheckConstraint("amount > 0", name="amount_positive"),
+)
+
+#: Every hold, open or closed. Open ones are indexed by deadline (the
+#: sweeper) and by agent (a batch loads its agents' open holds).
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("reservation_id", String(64), primary_key=True),
+    Column("agent_id", String(128), ForeignKey("agents.agent_id"), nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    #: The reserve's message_id.
+    Column("message_id", String(255), nullable=False),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
+    #: The commit's or release's message_id, or the expiry's ledger id.
+    Column("closed_by", String(255), nullable=True),
+    #: What the commit reported as used.
+    Column("used_tokens", BigInteger, nullable=True),
+    CheckConstraint("tokens > 0", name="tokens_positive"),
+    CheckConstraint("status IN ('open', 'committed', 'released', 'expired')", name="status_known"),
+    CheckConstraint("(status = 'open') = (closed_at IS NULL)", name="closed_when_not_open"),
+    Index(
+        "ix_reservations_open_deadline",
+        "expires_at",
+        sqlite_where=text("status = 'open'"),
+        postgresql_where=text("status = 'open'"),
+    ),
+    Index(
+        "ix_reservations_open_agent",
+        "agent_id",
+        sqlite_where=text("status = 'open'"),
+        postgresql_where=text("status = 'open'"),
+    ),
+)
+
+#: Events recorded in the transaction of the change they announce, published
+#: afterwards by the worker that holds ``partition`` (worker/outbox.py).
+outbox = Table(
+    "outbox",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    #: The event's identity and its AMQP message_id: consumers deduplicate on it.
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("partition", Integer, nullable=True),
+    Column("agent_id", String(128), nullable=False),
+    Column("routing_key", String(255), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=True),
+    Index(
+        "ix_outbox_unpublished",
+        "partition",
+        "id",
+        sqlite_where=text("published_at IS NULL"),
+        postgresql_where=text("published_at IS NULL"),
+    ),
 )
 
 #: The first outcome of every state-changing command, keyed by its message_id.

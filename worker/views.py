@@ -52,7 +52,12 @@ async def read_only_engine(url: str) -> AsyncIterator[AsyncEngine]:
 async def budgets_page(url: str, limit: int) -> list[dict[str, Any]]:
     """Agents and their balances, by agent id."""
     query = (
-        select(agents.c.agent_id, budgets.c.allocated_tokens, budgets.c.used_tokens)
+        select(
+            agents.c.agent_id,
+            budgets.c.allocated_tokens,
+            budgets.c.used_tokens,
+            budgets.c.reserved_tokens,
+        )
         .select_from(agents.outerjoin(budgets))
         .order_by(agents.c.agent_id)
         .limit(limit)

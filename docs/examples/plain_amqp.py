@@ -88,6 +88,7 @@ def budget(agent_id: str, allocated: int, used: int) -> dict[str, Any]:
         "agent_id": agent_id,
         "allocated_tokens": allocated,
         "used_tokens": used,
+        "reserved_tokens": 0,
         "available_tokens": allocated - used,
     }
 
@@ -110,7 +111,9 @@ async def run(amqp_url: str, agent_id: str, reply_seconds: float) -> None:
         # A new agent has no budget yet: its token fields are null.
         allocated, used = reply.get("allocated_tokens"), reply.get("used_tokens")
         if allocated is None:
-            no_budget = dict.fromkeys(("allocated_tokens", "used_tokens", "available_tokens"))
+            no_budget = dict.fromkeys(
+                ("allocated_tokens", "used_tokens", "reserved_tokens", "available_tokens")
+            )
             expect("register_agent", reply, {"ok": True, "agent_id": agent_id, **no_budget})
             allocated, used = 0, 0
         else:  # registered before: the reply shows its budget

@@ -1,0 +1,42 @@
+"""The benchmark runs end to end (``python -m bench --quick``); its speed is never checked."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+SECTIONS = ("do_nothing", "naive", "worker", "rpc", "rss")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert run.returncode == 0, f"stdout:\n{run.stdout[-3000:]}\nstderr:\n{run.stderr[-5000:]}"
+    results = json.loads((tmp_path / "bench.json").read_text())
+    missing = [section for section in SECTIONS if not results.get(section)]
+    assert not missing, f"sections missing from bench.json: {missing}"
+    assert results["errors"] == {}
+    assert set(results["worker"]) == {"sqlite_1", "sqlite_2", "postgresql_1", "postgresql_2"}
+    # The worker processes' own logs account for every command of each drain,
+    # and each measured section produced its figures.
+    n = results["config"]["n"]
+    for name, drain in results["worker"].items():
+        assert sum(p["commands"] for p in drain["per_process"]) == n, name
+        assert drain["msgs_per_s"] > 0, name
+    assert results["naive"]["refused"] == 0
+    assert results["do_nothing"]["msgs_per_s"] > 0
+    assert results["rpc"]["worker_idle"]["n"] == results["config"]["rpc_calls"]
+    assert results["rpc"]["echo_idle"]["p99_ms"] is not None
+    assert all(p["vmhwm_kib"] > 0 for p in results["rss"]["points"].values())
+    assert "Targets" in run.stdout

@@ -1,0 +1,72 @@
+"""A worker's background tasks beside its lanes: the outbox publisher and the
+hold sweeper, started per broker connection and stopped with it."""
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from aio_pika.abc import AbstractConnection
+
+from .outbox import OutboxPublisher
+from .service import BudgetService
+from .settings import Settings
+from .sweeper import Sweeper
+
+__all__ = ["Background", "broker_user"]
+
+
+def broker_user(amqp_url: str) -> str:
+    """The user the worker connects as (RabbitMQ's default when the URL names none)."""
+    return unquote(urlsplit(amqp_url).username or "") or "guest"
+
+
+@dataclass
+class Background:
+    outbox: OutboxPublisher | None
+    sweeper: Sweeper
+    _service: BudgetService
+    _tasks: list["asyncio.Task[None]"] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        service: BudgetService,
+        connection: AbstractConnection,
+        settings: Settings,
+        partitions: Callable[[], Collection[int]],
+        log: Any,
+    ) -> "Background":
+        outbox = None
+        if settings.outbox_publish:
+            outbox = OutboxPublisher(
+                service,
+                connection,
+                partitions=partitions,
+                poll_interval=settings.outbox_poll_interval,
+                log=log,
+            )
+        sweeper = Sweeper(
+            service,
+            connection,
+            interval=settings.reservation_sweep_interval,
+            user_id=broker_user(settings.amqp_url.get_secret_value()),
+            log=log,
+        )
+        started = cls(outbox, sweeper, service)
+        if outbox is not None:
+            service.on_events = outbox.notify
+            started._tasks.append(asyncio.create_task(outbox.run(), name="outbox"))
+        started._tasks.append(asyncio.create_task(sweeper.run(), name="sweeper"))
+        return started
+
+    async def close(self) -> None:
+        self._service.on_events = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []

@@ -1,0 +1,58 @@
+"""What one run measures: sizes, and the worker settings the baselines copy."""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.settings import Settings
+
+__all__ = ["DEFAULT_OUT", "BenchConfig"]
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    #: Consume commands in every drain (do-nothing, naive, worker scenarios).
+    n: int
+    #: Agents the commands are spread over (the routing key spreads them over lanes).
+    agents: int
+    #: Backlogs for the peak-RSS measurement: small, then large.
+    rss_backlogs: tuple[int, int]
+    #: Sequential get_budget / echo calls measured while idle.
+    rpc_calls: int
+    #: Concurrent get_budget callers while a backlog drains.
+    rpc_drain_callers: int
+    #: The worker's own settings (BUDGET_* environment), copied by the baselines.
+    partitions: int
+    prefetch: int
+    batch_max: int
+    delivery_limit: int
+    #: Prefetch of the naive worker: it takes one message per lane at a time.
+    naive_prefetch: int
+    out: Path
+    quick: bool
+
+    @classmethod
+    def make(cls, *, n: int | None, quick: bool, out: Path) -> "BenchConfig":
+        settings = Settings()
+        return cls(
+            n=n if n is not None else (500 if quick else 20_000),
+            agents=20 if quick else 1_000,
+            rss_backlogs=(1_000, 2_000) if quick else (10_000, 100_000),
+            rpc_calls=50 if quick else 500,
+            rpc_drain_callers=4 if quick else 8,
+            partitions=settings.partitions,
+            prefetch=settings.prefetch,
+            batch_max=settings.batch_max,
+            delivery_limit=settings.delivery_limit,
+            naive_prefetch=1,
+            out=out,
+            quick=quick,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["rss_backlogs"] = list(self.rss_backlogs)
+        return data

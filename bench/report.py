@@ -1,0 +1,238 @@
+"""Ratios against the baselines, the printed table, the JSON file and the chart."""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TARGETS", "format_table", "ratios", "write_chart", "write_json"]
+
+#: Issue 5's targets: (ratio key, comparison, bound, what it says).
+TARGETS: list[tuple[str, str, float, str]] = [
+    ("worker_sqlite_1_vs_do_nothing", ">=", 0.9, "SQLite drain vs do-nothing consumer"),
+    ("worker_sqlite_1_vs_naive", ">=", 10.0, "SQLite drain vs naive worker"),
+    ("rpc_p99_worker_idle_vs_echo_idle", "<=", 2.0, "get_budget p99 vs echo p99, idle"),
+    ("rss_large_vs_small", "<=", 1.2, "peak RSS, large vs small backlog"),
+]
+
+_WORKER_ROWS = [
+    ("sqlite_1", "worker, SQLite, 1 process"),
+    ("sqlite_2", "worker, SQLite, 2 processes"),
+    ("postgresql_1", "worker, PostgreSQL, 1 process"),
+    ("postgresql_2", "worker, PostgreSQL, 2 processes"),
+]
+_SHORT = {
+    "sqlite_1": "SQLite 1p",
+    "sqlite_2": "SQLite 2p",
+    "postgresql_1": "PostgreSQL 1p",
+    "postgresql_2": "PostgreSQL 2p",
+}
+
+
+def _ratio(top: Any, bottom: Any) -> float | None:
+    if not top or not bottom or any(isinstance(v, float) and math.isnan(v) for v in (top, bottom)):
+        return None
+    return round(float(top) / float(bottom), 3)
+
+
+def ratios(results: dict[str, Any]) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
+    """Every ratio the run can compute, and the targets with met / below."""
+    out: dict[str, float | None] = {}
+    limit = results.get("do_nothing", {}).get("msgs_per_s")
+    naive = results.get("naive", {}).get("msgs_per_s")
+    limit_cpu = results.get("do_nothing", {}).get("cpu_us_per_msg")
+    for key, _ in _WORKER_ROWS:
+        rate = results.get("worker", {}).get(key, {}).get("msgs_per_s")
+        out[f"worker_{key}_vs_do_nothing"] = _ratio(rate, limit)
+        out[f"worker_{key}_vs_naive"] = _ratio(rate, naive)
+        # CPU per command against the do-nothing consumer's: the least
+        # sensitive to other work on the machine (the broker's CPU is not in it).
+        cpu = results.get("worker", {}).get(key, {}).get("cpu_us_per_msg")
+        out[f"worker_{key}_cpu_vs_do_nothing_cpu"] = _ratio(cpu, limit_cpu)
+    out["naive_vs_do_nothing"] = _ratio(naive, limit)
+    rpc = results.get("rpc", {})
+    for phase in ("idle", "drain"):
+        for stat in ("p50", "p99"):
+            out[f"rpc_{stat}_worker_{phase}_vs_echo_{phase}"] = _ratio(
+                rpc.get(f"worker_{phase}", {}).get(f"{stat}_ms"),
+                rpc.get(f"echo_{phase}", {}).get(f"{stat}_ms"),
+            )
+    out["rss_large_vs_small"] = results.get("rss", {}).get("ratio_large_small")
+    checks = []
+    for key, op, bound, label in TARGETS:
+        value = out.get(key)
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        checks.append(
+            {"ratio": key, "label": label, "target": f"{op} {bound:g}", "value": value, "met": met}
+        )
+    return out, checks
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float | int) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    config = results["config"]
+    r = results.get("ratios", {})
+    machine = results.get("machine", {})
+    lines.append(
+        f"{machine.get('cpu_count')} CPU {machine.get('cpu_model')}, "
+        f"{machine.get('memory_mib', 0):,} MiB; load average at start "
+        f"{machine.get('loadavg_at_start')} (other work skews every figure)"
+    )
+    versions = results.get("versions", {})
+    lines.append(
+        ", ".join(f"{k} {versions.get(k)}" for k in ("code", "rabbitmq", "postgresql", "sqlite"))
+    )
+    lines.append(
+        f"Drain of {config['n']:,} consume commands "
+        f"({config['partitions']} quorum lanes, prefetch {config['prefetch']}, "
+        f"batch_max {config['batch_max']}, {config['agents']} agents)"
+    )
+    head = f"{'':38}{'seconds':>9}{'msg/s':>9}{'x limit':>9}{'x naive':>9}{'CPU us/msg':>12}  notes"
+    lines += [head, "-" * len(head)]
+    rows: list[tuple[str, dict[str, Any], Any, Any, str]] = []
+    if "do_nothing" in results:
+        d = results["do_nothing"]
+        rows.append(
+            (
+                "do-nothing consumer (the limit)",
+                d,
+                1.0,
+                None,
+                f"publish {_f(d.get('publish_msgs_per_s'))}/s",
+            )
+        )
+    if "naive" in results:
+        rows.append(
+            (
+                "naive worker (1 tx + 1 ack per msg)",
+                results["naive"],
+                r.get("naive_vs_do_nothing"),
+                1.0,
+                f"prefetch {results['naive'].get('prefetch')}, SQLite FULL",
+            )
+        )
+    for key, label in _WORKER_ROWS:
+        w = results.get("worker", {}).get(key)
+        if w is None:
+            continue
+        share = "/".join(f"{p['commands']}" for p in w.get("per_process", []))
+        lanes = "/".join(f"{p['lanes']}" for p in w.get("per_process", []))
+        note = f"mean batch {_f(w.get('mean_batch'), 1)}, wall {_f(w.get('wall_s'))} s"
+        if len(w.get("per_process", [])) > 1:
+            note += f"; commands per process {share}, lanes {lanes}"
+        rows.append(
+            (label, w, r.get(f"worker_{key}_vs_do_nothing"), r.get(f"worker_{key}_vs_naive"), note)
+        )
+    for label, data, x_limit, x_naive, note in rows:
+        if data.get("loadavg"):
+            note += f"; load {data['loadavg'][0]:.1f}"
+        lines.append(
+            f"{label:38}{_f(data.get('seconds')):>9}{_f(data.get('msgs_per_s'), 0):>9}"
+            f"{_f(x_limit):>9}{_f(x_naive):>9}{_f(data.get('cpu_us_per_msg'), 0):>12}  {note}"
+        )
+    if "rpc" in results:
+        rpc = results["rpc"]
+        lines += [
+            "",
+            f"{'RPC latency (sequential calls)':38}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'max ms':>10}{'lost':>6}",
+            "-" * 72,
+        ]
+        for key, label in (
+            ("echo_idle", "raw aio-pika echo, idle"),
+            ("worker_idle", "worker get_budget, idle"),
+            ("echo_drain", "echo, while the worker drains"),
+            ("worker_drain", "worker get_budget, during a drain"),
+        ):
+            s = rpc.get(key, {})
+            lines.append(
+                f"{label:38}{s.get('n', 0):>6}{_f(s.get('p50_ms')):>9}"
+                f"{_f(s.get('p99_ms')):>9}{_f(s.get('max_ms')):>10}{s.get('lost', 0):>6}"
+            )
+        lines.append(f"  ({rpc.get('note')})")
+    if "rss" in results:
+        lines += [
+            "",
+            f"{'Worker peak RSS (VmHWM, SQLite)':38}{'backlog':>9}{'MiB':>9}{'at ready':>10}",
+            "-" * 66,
+        ]
+        for point in results["rss"]["points"].values():
+            lines.append(
+                f"{'':38}{point['backlog']:>9,}{point['vmhwm_kib'] / 1024:>9.1f}"
+                f"{(point['vmhwm_ready_kib'] or 0) / 1024:>10.1f}"
+            )
+    lines += ["", "Targets (ratios measured in this run)", "-" * 72]
+    for check in results.get("targets", []):
+        verdict = {True: "met", False: "BELOW TARGET", None: "not measured"}[check["met"]]
+        lines.append(
+            f"{check['label']:42}{_f(check['value'], 3):>9}  target {check['target']:<7} {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+
+
+def write_chart(results: dict[str, Any], path: Path) -> str | None:
+    """Draw the PNG; return why not if matplotlib is missing (never fail the run)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no chart written"
+    figure, (drains, latency, memory) = plt.subplots(1, 3, figsize=(16, 5.5))
+    labels, rates = [], []
+    for key, label in [("do_nothing", "do-nothing"), ("naive", "naive")]:
+        if key in results:
+            labels.append(label)
+            rates.append(results[key].get("msgs_per_s") or 0)
+    for key, _ in _WORKER_ROWS:
+        if key in results.get("worker", {}):
+            labels.append(f"worker {_SHORT[key]}")
+            rates.append(results["worker"][key].get("msgs_per_s") or 0)
+    drains.barh(labels[::-1], rates[::-1], color="#4c72b0")
+    drains.set_xlabel("commands per second")
+    drains.set_title(f"Drain of {results['config']['n']:,} consumes")
+    rpc = results.get("rpc", {})
+    keys = ["echo_idle", "worker_idle", "echo_drain", "worker_drain"]
+    names = ["echo\nidle", "worker\nidle", "echo\ndrain", "worker\ndrain"]
+    positions = range(len(keys))
+    for offset, stat in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
+        values = [rpc.get(k, {}).get(stat) or 0 for k in keys]
+        latency.bar([p + offset for p in positions], values, width=0.4, label=stat[:3])
+    latency.set_xticks(list(positions), names)
+    latency.set_yscale("log")
+    latency.set_ylabel("milliseconds (log)")
+    latency.set_title("RPC latency")
+    latency.legend()
+    points = list(results.get("rss", {}).get("points", {}).values())
+    memory.bar(
+        [f"{p['backlog']:,}" for p in points],
+        [p["vmhwm_kib"] / 1024 for p in points],
+        color="#55a868",
+    )
+    memory.set_xlabel("backlog (commands)")
+    memory.set_ylabel("peak RSS, MiB")
+    memory.set_title("Worker peak RSS (VmHWM)")
+    machine = results.get("machine", {})
+    figure.suptitle(
+        f"token-budget bench — {machine.get('cpu_count')} CPU "
+        f"{machine.get('cpu_model')}, {results.get('started_at', '')}"
+    )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return None

@@ -93,7 +93,9 @@ class Worker:
             service = GroupCommitter(
                 self._budget,
                 writers=1 if engine.dialect.name == "sqlite" else 2,
-                max_commands=max(settings.batch_max * 4, 1024),
+                # One lane's batch bound also bounds a shared transaction, and so
+                # the memory a transaction holds, whatever the backlog.
+                max_commands=settings.batch_max,
             )
             delay = 0.2
             while not self._stop.is_set():

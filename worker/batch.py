@@ -6,14 +6,13 @@ one ``executemany`` per table.
 """
 
 import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas import (
@@ -57,12 +56,17 @@ class Applied:
 
     outcomes: list[Outcome]
     events: int = 0
+    #: Agents whose state this transaction writes.
+    written: frozenset[str] = frozenset()
 
 
 def fingerprint(command: Command) -> str:
-    """Identity of a command's content, independent of key order and spacing."""
-    canonical = json.dumps(command.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """Identity of a command's content, independent of key order and spacing.
+
+    The validated model serializes its fields in its own declared order, so
+    two bodies that parse to the same command give the same bytes.
+    """
+    return hashlib.sha256(command.model_dump_json().encode()).hexdigest()
 
 
 def event_id_for(agent_id: str, seq: int, threshold: int) -> str:
@@ -109,7 +113,8 @@ async def apply_in_transaction(
             outcomes.append(_change(state, envelope, ctx, seen, rows["processed"]))
         _collect(state, envelope, fence, marks, now, rows)
     await write(conn, states.values(), rows, now)
-    return Applied(outcomes, len(rows["outbox"]))
+    written = frozenset(a for a, state in states.items() if state.dirty or state.new_agent)
+    return Applied(outcomes, len(rows["outbox"]), written)
 
 
 def _change(
@@ -214,13 +219,19 @@ async def fence_holds(conn: AsyncConnection, fence: Fence) -> bool:
     # An UPDATE, not a SELECT: it takes the lease row's lock (PostgreSQL) so a
     # takeover waits for this commit, and SQLite's write lock is already ours.
     held = await conn.execute(
-        update(partition_leases)
-        .where(partition_leases.c.partition == fence.partition)
-        .where(partition_leases.c.owner == fence.owner)
-        .where(partition_leases.c.epoch == fence.epoch)
-        .values(epoch=partition_leases.c.epoch)
+        _check_lease,
+        {"l_partition": fence.partition, "l_owner": fence.owner, "l_epoch": fence.epoch},
     )
     return bool(held.rowcount == 1)
+
+
+_check_lease = (
+    update(partition_leases)
+    .where(partition_leases.c.partition == bindparam("l_partition"))
+    .where(partition_leases.c.owner == bindparam("l_owner"))
+    .where(partition_leases.c.epoch == bindparam("l_epoch"))
+    .values(epoch=partition_leases.c.epoch)
+)
 
 
 def _query(state: AgentState, command: Command, ctx: RuleContext) -> Outcome:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import BindParameter, and_, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .outcomes import StorageUnavailable
@@ -58,6 +58,56 @@ _close_hold = (
 )
 
 
+_ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
+_select_agents = select(agents.c.agent_id).where(agents.c.agent_id.in_(_ids))
+_select_budgets = (
+    select(
+        budgets.c.agent_id,
+        budgets.c.allocated_tokens,
+        budgets.c.used_tokens,
+        budgets.c.reserved_tokens,
+        budgets.c.thresholds,
+        budgets.c.ledger_seq,
+    )
+    .where(budgets.c.agent_id.in_(_ids))
+    .order_by(budgets.c.agent_id)
+)
+_select_budgets_locked = _select_budgets.with_for_update()
+#: SQLite: the write lock is already held, so agents and budgets come in one
+#: query (PostgreSQL cannot lock the nullable side of an outer join).
+_select_agents_budgets = (
+    select(
+        agents.c.agent_id,
+        budgets.c.agent_id,
+        budgets.c.allocated_tokens,
+        budgets.c.used_tokens,
+        budgets.c.reserved_tokens,
+        budgets.c.thresholds,
+        budgets.c.ledger_seq,
+    )
+    .select_from(agents.outerjoin(budgets, budgets.c.agent_id == agents.c.agent_id))
+    .where(agents.c.agent_id.in_(_ids))
+)
+_select_processed = select(
+    processed_commands.c.message_id,
+    processed_commands.c.fingerprint,
+    processed_commands.c.reply,
+).where(processed_commands.c.message_id.in_(_ids))
+# Statements built once: SQLAlchemy then finds them in its compiled cache
+# without generating a cache key from a fresh construct on every batch.
+_inserts = {
+    name: insert(table)
+    for name, table in (
+        ("agents", agents),
+        ("budgets", budgets),
+        ("reservations", reservations),
+        ("ledger", ledger),
+        ("processed", processed_commands),
+        ("outbox", outbox),
+    )
+}
+
+
 def _thresholds_text(value: tuple[int, ...] | None) -> str | None:
     return None if value is None else ",".join(map(str, value))
 
@@ -77,26 +127,22 @@ async def load_states(
     conn: AsyncConnection, agent_ids: list[str], *, lock_rows: bool
 ) -> dict[str, AgentState]:
     states = {agent_id: AgentState(agent_id) for agent_id in agent_ids}
-    registered = await conn.execute(
-        select(agents.c.agent_id).where(agents.c.agent_id.in_(agent_ids))
-    )
-    for (agent_id,) in registered:
-        states[agent_id].registered = True
-    query = (
-        select(
-            budgets.c.agent_id,
-            budgets.c.allocated_tokens,
-            budgets.c.used_tokens,
-            budgets.c.reserved_tokens,
-            budgets.c.thresholds,
-            budgets.c.ledger_seq,
-        )
-        .where(budgets.c.agent_id.in_(agent_ids))
-        .order_by(budgets.c.agent_id)
-    )
     if lock_rows:
-        query = query.with_for_update()
-    for agent_id, allocated, used, reserved, thresholds, seq in await conn.execute(query):
+        registered = await conn.execute(_select_agents, {"ids": agent_ids})
+        for (agent_id,) in registered:
+            states[agent_id].registered = True
+        rows: list[tuple[Any, ...]] = [
+            tuple(row) for row in await conn.execute(_select_budgets_locked, {"ids": agent_ids})
+        ]
+    else:
+        rows = []
+        for agent_id, budget_of, *balance in await conn.execute(
+            _select_agents_budgets, {"ids": agent_ids}
+        ):
+            states[agent_id].registered = True
+            if budget_of is not None:
+                rows.append((agent_id, *balance))
+    for agent_id, allocated, used, reserved, thresholds, seq in rows:
         state = states[agent_id]
         state.has_budget = True
         state.allocated, state.used, state.reserved = allocated, used, reserved
@@ -154,13 +200,7 @@ async def load_processed(
     """message_id -> (fingerprint, stored reply) of the ids already recorded."""
     if not message_ids:
         return {}
-    rows = await conn.execute(
-        select(
-            processed_commands.c.message_id,
-            processed_commands.c.fingerprint,
-            processed_commands.c.reply,
-        ).where(processed_commands.c.message_id.in_(set(message_ids)))
-    )
+    rows = await conn.execute(_select_processed, {"ids": list(set(message_ids))})
     return {mid: (fp, reply.encode()) for mid, fp, reply in rows}
 
 
@@ -218,22 +258,22 @@ async def write(
                 }
             )
     if new_agents:
-        await conn.execute(insert(agents), new_agents)
+        await conn.execute(_inserts["agents"], new_agents)
     if new_budgets:
-        await conn.execute(insert(budgets), new_budgets)
+        await conn.execute(_inserts["budgets"], new_budgets)
     if changed:
         result = await conn.execute(_update_budget, changed)
         if result.rowcount not in (-1, len(changed)):
             raise StaleState(f"{len(changed) - result.rowcount} balances changed underneath")
     if new_holds:
-        await conn.execute(insert(reservations), new_holds)
+        await conn.execute(_inserts["reservations"], new_holds)
     if closed_holds:
         result = await conn.execute(_close_hold, closed_holds)
         if result.rowcount not in (-1, len(closed_holds)):
             raise StaleState(f"{len(closed_holds) - result.rowcount} holds closed underneath")
-    for table, name in ((ledger, "ledger"), (processed_commands, "processed"), (outbox, "outbox")):
+    for name in ("ledger", "processed", "outbox"):
         if rows.get(name):
-            await conn.execute(insert(table), rows[name])
+            await conn.execute(_inserts[name], rows[name])
 
 
 def _hold_row(hold: Hold) -> dict[str, Any]:

@@ -96,7 +96,7 @@ class Lane:
 
     async def _serve(self) -> None:
         channel = await self._connection.channel(publisher_confirms=False)
-        publisher = await Publisher.open(self._connection)
+        publisher = await Publisher.open(self._connection, channel)
         try:
             await channel.set_qos(prefetch_count=self._config.prefetch)
             queue = await channel.get_queue(self.queue_name, ensure=False)
@@ -231,38 +231,33 @@ class Lane:
         results: list[Outcome | Invalid],
         seconds: float,
     ) -> None:
-        # One line per batch carries every operation: logging each command on
+        # One line per batch carries every operation, each as a compact
+        # [message_id, agent, type, tokens, outcome]: logging each command on
         # its own line would cost more than applying it.
         ops = []
         counts: dict[str, int] = {}
+        log_ops = self._config.log_ops
         for message, item, result in zip(batch, decoded, results, strict=True):
             if isinstance(result, Invalid):
-                outcome = "dead_lettered"
+                kind = outcome = "dead_lettered"
                 self._log.warning(
                     "command_dead_lettered", message_id=message.message_id, reason=result.reason
                 )
             else:
-                outcome = result.kind.value
+                kind = outcome = result.kind.value
                 if not result.reply.ok:
-                    outcome = f"{outcome}:{result.reply.error.code}"
-            counts[outcome.split(":")[0]] = counts.get(outcome.split(":")[0], 0) + 1
-            if self._config.log_ops and isinstance(item, Envelope):
+                    outcome = f"{kind}:{result.reply.error.code}"
+            counts[kind] = counts.get(kind, 0) + 1
+            if log_ops and isinstance(item, Envelope):
                 command = item.command
-                ops.append(
-                    {
-                        "id": item.message_id,
-                        "agent": command.agent_id,
-                        "type": command.command_type.value,
-                        "tokens": getattr(command, "tokens", None),
-                        "outcome": outcome,
-                    }
-                )
+                tokens = getattr(command, "tokens", None)
+                ops.append((item.message_id, command.agent_id, command.type, tokens, outcome))
         self._log.info(
             "batch_applied",
             size=len(batch),
             duration_ms=round(seconds * 1000, 3),
             outcomes=counts,
-            ops=ops if self._config.log_ops else None,
+            ops=ops if log_ops else None,
         )
 
 

@@ -93,7 +93,9 @@ class OutboxPublisher:
         if not events:
             return 0
         # Published in recorded order on one channel; confirms awaited together.
-        await asyncio.gather(*(exchange.publish(_message(e), e.routing_key) for e in events))
+        await asyncio.gather(
+            *(exchange.publish(_message(e), e.routing_key, mandatory=False) for e in events)
+        )
         await self._store.mark_published([e.id for e in events])
         self.published += len(events)
         self._log.info("events_published", count=len(events), first=events[0].event_id)

@@ -33,22 +33,33 @@ __all__ = ["Publisher"]
 
 
 class Publisher:
-    """One confirming channel per lane, so that lanes never wait on each other."""
+    """One confirming channel per lane, so that lanes never wait on each other.
+
+    Events and dead letters wait for the broker's confirm before the batch is
+    acknowledged: once acknowledged, nothing else would keep them. Replies go
+    out on the lane's own channel without a confirm: a lost reply costs the
+    agent a retry with the same message_id, which the stored outcome answers,
+    while waiting for a confirm would cost every RPC a round trip.
+    """
 
     def __init__(
-        self, channel: AbstractChannel, events: AbstractExchange, dead: AbstractExchange
+        self,
+        channel: AbstractChannel,
+        events: AbstractExchange,
+        dead: AbstractExchange,
+        replies: AbstractExchange,
     ) -> None:
         self.channel = channel
-        self._default = channel.default_exchange
+        self._default = replies
         self._events = events
         self._dead = dead
 
     @classmethod
-    async def open(cls, connection: AbstractConnection) -> "Publisher":
+    async def open(cls, connection: AbstractConnection, lane: AbstractChannel) -> "Publisher":
         channel = await connection.channel(publisher_confirms=True)
         events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
         dead = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
-        return cls(channel, events, dead)
+        return cls(channel, events, dead, lane.default_exchange)
 
     async def close(self) -> None:
         if not self.channel.is_closed:
@@ -66,7 +77,8 @@ class Publisher:
             delivery_mode=DeliveryMode.NOT_PERSISTENT,
             headers={HEADER_DUPLICATE: True} if duplicate else None,
         )
-        return self._default.publish(message, routing_key=request.reply_to)
+        # Not mandatory: a requester that has gone away is not an error to hear about.
+        return self._default.publish(message, routing_key=request.reply_to, mandatory=False)
 
     def refused(
         self, command: Command, message_id: str | None, error: ErrorReply
@@ -86,7 +98,9 @@ class Publisher:
             delivery_mode=DeliveryMode.PERSISTENT,
             type=event.event,
         )
-        return self._events.publish(message, routing_key=refused_routing_key(error.error.code))
+        # Not mandatory: nobody may be listening to events, and that is fine.
+        routing_key = refused_routing_key(error.error.code)
+        return self._events.publish(message, routing_key=routing_key, mandatory=False)
 
     def dead_letter(
         self, request: AbstractIncomingMessage, *, code: str, reason: str, lane: int

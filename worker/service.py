@@ -96,16 +96,34 @@ class BudgetService:
             raise StorageUnavailable(str(error)) from error
 
     async def _once(self, requests: Sequence[Request]) -> list[Result]:
+        try:
+            return await self._attempt(requests, strict=False)
+        except _Recheck:
+            return await self._attempt(requests, strict=True)
+
+    async def _attempt(self, requests: Sequence[Request], *, strict: bool) -> list[Result]:
+        """One transaction for ``requests``.
+
+        A request that changes state checks its lease first. A batch of
+        queries writes nothing, so it checks only if it turns out to write
+        (a hold expiring on the way); if its lease is gone by then, the whole
+        transaction is redone with every lease checked first (``strict``).
+        """
         results: list[Result | None] = [None] * len(requests)
         items: list[tuple[Envelope, Fence | None]] = []
         live: list[int] = []
+        unchecked: list[int] = []
         async with self._engine.begin() as conn:
             # Lease rows locked in partition order, so two transactions never
             # wait on each other in a circle.
             order = sorted(range(len(requests)), key=lambda i: _partition_key(requests[i][1]))
             for index in order:
-                fence = requests[index][1]
-                if fence is not None and not await fence_holds(conn, fence):
+                batch, fence = requests[index]
+                if fence is None:
+                    continue
+                if not strict and not any(e.command.changes_state for e in batch):
+                    unchecked.append(index)
+                elif not await fence_holds(conn, fence):
                     results[index] = Fenced(
                         f"partition {fence.partition} is no longer held under epoch {fence.epoch}"
                     )
@@ -116,6 +134,11 @@ class BudgetService:
             applied = await apply_in_transaction(
                 conn, items, now=self._clock(), lock_rows=self._lock_rows, default_ttl=self._ttl
             )
+            for index in unchecked:
+                batch, fence = requests[index]
+                touched = {e.command.agent_id for e in batch} & applied.written
+                if touched and fence is not None and not await fence_holds(conn, fence):
+                    raise _Recheck()
         if applied.events and self.on_events is not None:
             self.on_events()
         outcomes = applied.outcomes
@@ -195,6 +218,10 @@ class BudgetService:
         if isinstance(result, Fenced):
             raise result
         return result
+
+
+class _Recheck(Exception):
+    """A batch of queries wrote after all, under a lease it no longer holds."""
 
 
 def _partition_key(fence: Fence | None) -> int:

@@ -67,6 +67,8 @@ def install() -> None:
 def has_invalid_text(value: object) -> bool:
     """True if ``value`` (a str, or a header table) holds bytes that were not UTF-8."""
     if isinstance(value, str):
+        if value.isascii():  # the common case, and the cheap one
+            return False
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:

@@ -4,7 +4,6 @@
 SQLite and PostgreSQL.
 """
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.inprocess import running
 from tests.processes import WorkerProcess
 from tests.support import RabbitAdmin, create_pg_database, drop_pg_database, unique
 from worker.app import Worker
@@ -76,16 +76,9 @@ def worker_settings(amqp_url: str, database_url: str) -> Settings:
 @pytest.fixture
 async def worker(worker_settings: Settings) -> AsyncIterator[Worker]:
     """A worker running in this test's event loop, ready to take commands."""
-    running = Worker(worker_settings)
-    task = asyncio.create_task(running.run())
-    ready = asyncio.create_task(running.ready.wait())
-    await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    assert running.ready.is_set(), "worker did not become ready in 30 s"
-    yield running
-    running.stop()
-    await asyncio.wait_for(task, 30)
+    started = Worker(worker_settings)
+    async with running(started):
+        yield started
 
 
 @pytest.fixture

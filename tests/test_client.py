@@ -1,7 +1,6 @@
 """The SDK against the real worker, broker and both databases."""
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -25,6 +24,7 @@ from client import (
 )
 from client.errors import _BY_CODE
 from schemas import COMMANDS_EXCHANGE, BudgetView, ErrorBody, ErrorCode, GetBudget, OkReply
+from tests.inprocess import running
 from tests.support import unique
 from worker.app import Worker
 from worker.settings import Settings
@@ -37,23 +37,6 @@ REPLY_QUEUES: list[ReplyQueue] = ["direct", "exclusive"]
 async def client(worker: Worker, amqp_url: str) -> AsyncIterator[BudgetClient]:
     async with BudgetClient.connect(amqp_url, timeout=20) as connected:
         yield connected
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    """A worker started in the middle of a test (the ``worker`` fixture starts first)."""
-    running = Worker(settings)
-    task = asyncio.create_task(running.run())
-    ready = asyncio.create_task(running.ready.wait())
-    await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    assert running.ready.is_set(), "worker did not become ready in 30 s"
-    try:
-        yield running
-    finally:
-        running.stop()
-        await asyncio.wait_for(task, 30)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
@@ -274,7 +257,7 @@ async def test_client_works_once_a_worker_starts_after_not_delivered(
     async with BudgetClient.connect(amqp_url, timeout=20, reply_queue=reply_queue) as client:
         with pytest.raises(NotDelivered):
             await client.register_agent("agent-1")
-        async with running_worker(worker_settings):
+        async with running(Worker(worker_settings)):
             assert await client.register_agent("agent-1") == view("agent-1", None, None)
 
 
@@ -293,13 +276,13 @@ async def test_no_reply_in_time_raises_request_timeout_and_forgets_the_request(
 async def test_retry_after_timeout_with_the_same_message_id_gets_the_outcome(
     amqp_url: str, worker_settings: Settings
 ) -> None:
-    async with running_worker(worker_settings):
+    async with running(Worker(worker_settings)):
         pass  # leaves its topology behind: lanes bound, nobody consuming
     async with BudgetClient.connect(amqp_url, timeout=0.3) as client:
         with pytest.raises(RequestTimeout):
             await client.register_agent("agent-1", message_id="reg-1")
         client.timeout = 20
-        async with running_worker(worker_settings):
+        async with running(Worker(worker_settings)):
             # The first command is applied; its late reply is dropped, and the
             # retry is answered from the stored outcome.
             assert await client.register_agent("agent-1", message_id="reg-1") == view(

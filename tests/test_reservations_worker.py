@@ -1,6 +1,5 @@
 """Holds and threshold events through the real worker, broker and both databases."""
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -15,6 +14,7 @@ from schemas import (
 )
 from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
 from tests.db_helpers import reader, wait_until
+from tests.inprocess import running
 from worker.app import Worker
 from worker.audit import history, reconcile
 from worker.settings import Settings
@@ -27,16 +27,9 @@ async def fast_worker(worker_settings: Settings) -> AsyncIterator[Worker]:
     settings = worker_settings.model_copy(
         update={"reservation_sweep_interval": 0.2, "reservation_ttl": 7}
     )
-    running = Worker(settings)
-    task = asyncio.create_task(running.run())
-    ready = asyncio.create_task(running.ready.wait())
-    await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    assert running.ready.is_set(), "worker did not become ready in 30 s"
-    yield running
-    running.stop()
-    await asyncio.wait_for(task, 30)
+    started = Worker(settings)
+    async with running(started):
+        yield started
 
 
 async def ask(amqp: Amqp, body: bytes, agent: str, message_id: str | None) -> OkReply:

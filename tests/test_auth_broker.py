@@ -34,6 +34,7 @@ from schemas import (
 from tests.amqp_helpers import Collector, command, open_amqp
 from tests.db_helpers import balances, processed_ids, reader, wait_until
 from tests.support import RabbitAdmin, unique
+from tests.test_ctl import run_ctl
 from worker.app import Worker
 from worker.settings import AuthMode, Settings
 from worker.tables import reservations
@@ -365,3 +366,19 @@ async def test_workers_own_sweeper_still_expires_holds(
         final = await wait_until(statuses, lambda found: found == ["expired"], within=30)
 
     assert final == ["expired"]
+
+
+@sqlite_only
+async def test_budgetctl_acts_as_the_user_of_its_broker_url(
+    auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users
+) -> None:
+    admin_url = rabbit.amqp_url(vhost, users.admin, PASSWORD)
+    agent_url = rabbit.amqp_url(vhost, users.agent_a, PASSWORD)
+    registered = await run_ctl("register", users.agent_a, "--amqp-url", admin_url)
+    assert registered.code == 0, registered.err
+    allocated = await run_ctl("allocate", users.agent_a, "50", "--amqp-url", admin_url)
+    assert allocated.code == 0, allocated.err
+    own = await run_ctl("consume", users.agent_a, "5", "--wait", "--amqp-url", agent_url)
+    assert own.code == 0 and "used=5" in own.out, own.err
+    refused = await run_ctl("allocate", users.agent_a, "50", "--amqp-url", agent_url)
+    assert refused.code == 1 and "unauthorized" in refused.err

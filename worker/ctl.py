@@ -194,7 +194,12 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
     amqp_url = args.amqp_url or settings.amqp_url.get_secret_value()
     agent, tokens = args.agent, getattr(args, "tokens", 0)
     message_id = getattr(args, "message_id", None)
-    async with BudgetClient.connect(amqp_url, timeout=args.timeout, name="budgetctl") as client:
+    # The broker checks user_id against the connection's user, so sending it is
+    # always safe, and it is what a worker with BUDGET_AUTH=user-id decides by.
+    user = urlsplit(amqp_url).username or "guest"
+    async with BudgetClient.connect(
+        amqp_url, timeout=args.timeout, name="budgetctl", user_id=user
+    ) as client:
         if args.command == "register":
             view = await client.register_agent(agent, message_id=message_id)
         elif args.command == "allocate":

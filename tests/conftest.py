@@ -11,6 +11,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from client import BudgetClient
 from tests.inprocess import running
 from tests.processes import WorkerProcess
 from tests.support import RabbitAdmin, create_pg_database, drop_pg_database, unique
@@ -79,6 +80,13 @@ async def worker(worker_settings: Settings) -> AsyncIterator[Worker]:
     started = Worker(worker_settings)
     async with running(started):
         yield started
+
+
+@pytest.fixture
+async def client(worker: Worker, amqp_url: str) -> AsyncIterator[BudgetClient]:
+    """The SDK, connected to the running ``worker``'s vhost."""
+    async with BudgetClient.connect(amqp_url, timeout=20) as connected:
+        yield connected
 
 
 @pytest.fixture

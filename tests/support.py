@@ -11,12 +11,15 @@ from typing import Any
 
 import asyncpg
 
+from client import BudgetClient
+
 __all__ = [
     "AMQP_HOST",
     "PG_ADMIN_DSN",
     "RabbitAdmin",
     "create_pg_database",
     "drop_pg_database",
+    "funded",
     "unique",
 ]
 
@@ -31,6 +34,14 @@ PG_ADMIN_DSN = os.environ.get(
 
 def unique(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def funded(client: BudgetClient, tokens: int) -> str:
+    """A new agent, registered and allocated ``tokens`` through the SDK."""
+    agent = unique("agent")
+    await client.register_agent(agent)
+    await client.allocate(agent, tokens)
+    return agent
 
 
 class RabbitAdmin:

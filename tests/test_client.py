@@ -2,7 +2,7 @@
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 import pytest
@@ -25,7 +25,7 @@ from client import (
 from client.errors import _BY_CODE
 from schemas import COMMANDS_EXCHANGE, BudgetView, ErrorBody, ErrorCode, GetBudget, OkReply
 from tests.inprocess import running
-from tests.support import unique
+from tests.support import funded, unique
 from worker.app import Worker
 from worker.settings import Settings
 from worker.topology import CONSISTENT_HASH, TopologySpec, declare_topology
@@ -33,24 +33,11 @@ from worker.topology import CONSISTENT_HASH, TopologySpec, declare_topology
 REPLY_QUEUES: list[ReplyQueue] = ["direct", "exclusive"]
 
 
-@pytest.fixture
-async def client(worker: Worker, amqp_url: str) -> AsyncIterator[BudgetClient]:
-    async with BudgetClient.connect(amqp_url, timeout=20) as connected:
-        yield connected
-
-
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
     deadline = time.monotonic() + within
     while not await check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
-
-
-async def funded(client: BudgetClient, tokens: int) -> str:
-    agent = unique("agent")
-    await client.register_agent(agent)
-    await client.allocate(agent, tokens)
-    return agent
 
 
 def view(agent: str, allocated: int | None, used: int | None) -> BudgetView:

@@ -2,7 +2,6 @@
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,22 +12,8 @@ from client import (
     ReservationNotFoundError,
 )
 from tests.db_helpers import reader
-from tests.support import unique
-from worker.app import Worker
+from tests.support import funded
 from worker.audit import history, reconcile
-
-
-@pytest.fixture
-async def client(worker: Worker, amqp_url: str) -> AsyncIterator[BudgetClient]:
-    async with BudgetClient.connect(amqp_url, timeout=20) as connected:
-        yield connected
-
-
-async def funded(client: BudgetClient, tokens: int) -> str:
-    agent = unique("agent")
-    await client.register_agent(agent)
-    await client.allocate(agent, tokens)
-    return agent
 
 
 class Boom(Exception):

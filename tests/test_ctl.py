@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from sqlalchemy import text
 from client import BudgetClient
 from schemas import BudgetView
 from tests.db_helpers import reader
-from tests.support import unique
+from tests.support import funded, unique
 from worker.app import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,19 +54,6 @@ def ctl(worker: Worker, amqp_url: str, database_url: str) -> Ctl:
         return await run_ctl(*args, env=env)
 
     return call
-
-
-@pytest.fixture
-async def client(worker: Worker, amqp_url: str) -> AsyncIterator[BudgetClient]:
-    async with BudgetClient.connect(amqp_url, timeout=20) as connected:
-        yield connected
-
-
-async def funded(client: BudgetClient, tokens: int) -> str:
-    agent = unique("agent")
-    await client.register_agent(agent)
-    await client.allocate(agent, tokens)
-    return agent
 
 
 async def test_register_prints_the_new_agent(ctl: Ctl) -> None:

@@ -5,8 +5,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
@@ -16,7 +15,7 @@ from . import wire_guard
 from .auth import AuthPolicy
 from .background import Background
 from .committer import GroupCommitter
-from .db import create_engine, is_transient, redact_url
+from .db import create_engine, retry_while_transient
 from .lane import Lane, LaneConfig
 from .leases import LeaseStore, recorded_partitions, session_name
 from .logging import get_logger
@@ -26,6 +25,7 @@ from .pool import Pool
 from .service import BudgetService
 from .settings import AuthMode, Settings
 from .topology import TopologyError, TopologySpec, declare_topology
+from .urls import redact_url
 
 __all__ = ["Worker", "connect_amqp"]
 
@@ -229,23 +229,15 @@ class Worker:
             worker_id=self.worker_id,
         )
 
-    async def _until_done(self, what: str, step: Any) -> None:
+    async def _until_done(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
         """Retry a start-up step while the database is away, until stopped."""
-        delay = 0.2
-        while True:
-            try:
-                await step()
-                return
-            except Exception as error:
-                if not is_transient(error):
-                    raise
-                failure: BaseException = error
-            if self._stop.is_set():
-                raise failure
-            self._log.warning(f"{what}_failed", error=str(failure)[:300], retry_in_s=delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=delay)
-            delay = min(delay * 2, self.settings.retry_max_seconds)
+
+        def warn(error: BaseException, delay: float) -> None:
+            self._log.warning(f"{what}_failed", error=str(error)[:300], retry_in_s=delay)
+
+        await retry_while_transient(
+            step, stop=self._stop, on_retry=warn, max_delay=self.settings.retry_max_seconds
+        )
 
     def _require_engine(self) -> AsyncEngine:
         assert self._engine is not None

@@ -7,12 +7,12 @@ command can reach the database, and the tests ask it for every case.
 """
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 from schemas import Command, CommandType, ErrorBody, ErrorCode, ErrorReply, encode_reply
 
 from .outcomes import Outcome, OutcomeKind
 from .settings import AuthMode, Settings
+from .urls import broker_user
 
 __all__ = ["AGENT_OWN", "AuthPolicy", "authorize", "unauthorized_outcome"]
 
@@ -43,9 +43,7 @@ class AuthPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "AuthPolicy":
-        url = urlsplit(settings.amqp_url.get_secret_value())
-        # aio-pika connects as guest when the URL names no user.
-        worker_user = unquote(url.username or "") or "guest"
+        worker_user = broker_user(settings.amqp_url.get_secret_value())
         return cls(settings.auth, frozenset(settings.admin_users), worker_user)
 
     @property

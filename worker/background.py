@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from aio_pika.abc import AbstractConnection
 
@@ -14,13 +13,9 @@ from .outbox import OutboxPublisher
 from .service import BudgetService
 from .settings import Settings
 from .sweeper import Sweeper
+from .urls import broker_user
 
-__all__ = ["Background", "broker_user"]
-
-
-def broker_user(amqp_url: str) -> str:
-    """The user the worker connects as (RabbitMQ's default when the URL names none)."""
-    return unquote(urlsplit(amqp_url).username or "") or "guest"
+__all__ = ["Background"]
 
 
 @dataclass

@@ -8,11 +8,12 @@ import sys
 from sqlalchemy import text
 
 from .app import Worker, connect_amqp
-from .db import create_engine, redact_url
+from .db import create_engine
 from .logging import configure_logging, get_logger
 from .migrate import current_revision, head_revision, upgrade
 from .settings import Settings
 from .topology import TopologyError
+from .urls import redact_url
 
 __all__ = ["check", "main"]
 

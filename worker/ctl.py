@@ -15,13 +15,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from client import BudgetClient, BudgetClientError, BudgetView, CommandRefused
 
 from .settings import Settings
+from .urls import broker_user, redact_url
 
 __all__ = ["build_parser", "main"]
 
@@ -96,10 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # a malformed --message-id, say
         return _fail(EXIT_REFUSED, f"invalid input: {error}")
     except BudgetClientError as error:
-        url = _redact(args.amqp_url or settings.amqp_url.get_secret_value())
+        url = redact_url(args.amqp_url or settings.amqp_url.get_secret_value())
         return _fail(EXIT_UNAVAILABLE, f"{error.code}: {error.message} (broker {url})")
     except _view_error() as error:
-        url = _redact(args.database_url or settings.database_url.get_secret_value())
+        url = redact_url(args.database_url or settings.database_url.get_secret_value())
         return _fail(EXIT_UNAVAILABLE, f"database error: {error} (database {url})")
     return 0
 
@@ -108,13 +108,6 @@ def _view_error() -> type[Exception]:
     from .views import ViewError
 
     return ViewError
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _fail(code: int, message: str) -> int:
@@ -196,9 +189,8 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
     message_id = getattr(args, "message_id", None)
     # The broker checks user_id against the connection's user, so sending it is
     # always safe, and it is what a worker with BUDGET_AUTH=user-id decides by.
-    user = urlsplit(amqp_url).username or "guest"
     async with BudgetClient.connect(
-        amqp_url, timeout=args.timeout, name="budgetctl", user_id=user
+        amqp_url, timeout=args.timeout, name="budgetctl", user_id=broker_user(amqp_url)
     ) as client:
         if args.command == "register":
             view = await client.register_agent(agent, message_id=message_id)

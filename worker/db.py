@@ -1,12 +1,15 @@
 """Engines with the durability this service promises, and error classification."""
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["create_engine", "is_sqlite", "is_transient", "redact_url"]
+__all__ = ["create_engine", "is_sqlite", "is_transient", "retry_while_transient"]
 
 #: SQLSTATEs that a retry of the same transaction can cure.
 _TRANSIENT_SQLSTATES = frozenset(
@@ -29,11 +32,6 @@ _TRANSIENT_SQLSTATES = frozenset(
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password masked, for logs."""
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def create_engine(
@@ -115,3 +113,28 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(
         error, exc.TimeoutError | exc.DisconnectionError | OSError | ConnectionError | TimeoutError
     )
+
+
+async def retry_while_transient(
+    step: Callable[[], Awaitable[None]],
+    *,
+    stop: asyncio.Event,
+    on_retry: Callable[[BaseException, float], None],
+    max_delay: float,
+) -> None:
+    """Run ``step`` until it succeeds, backing off while the database is away.
+
+    A non-transient error, or a transient one once ``stop`` is set, is raised.
+    """
+    delay = 0.2
+    while True:
+        try:
+            await step()
+            return
+        except Exception as error:
+            if not is_transient(error) or stop.is_set():
+                raise
+            on_retry(error, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        delay = min(delay * 2, max_delay)

@@ -67,7 +67,6 @@ class Lane:
         self._stopping = False
         self._wake = asyncio.Event()
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
-        self.applied_batches = 0
 
     def stop(self) -> None:
         """Finish the batch in hand, then close: the rest goes back to the broker."""
@@ -173,7 +172,6 @@ class Lane:
                 pending.append(publisher.refused(item.command, item.message_id, result.reply))
         await asyncio.gather(*pending)
         await batch[-1].ack(multiple=True)
-        self.applied_batches += 1
         self._log_batch(batch, decoded, results, time.perf_counter() - started)
 
     def _decode(self, message: AbstractIncomingMessage) -> Envelope | Invalid:

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .db import is_transient
+from .db import is_transient, retry_while_transient
 from .leases import Lease, LeaseStore, PoolView
 from .outcomes import Fence, StorageUnavailable
 
@@ -140,18 +140,10 @@ class Pool:
         return None  # still held by its owner, who will release it soon
 
     async def _until_stopped(self, step: Callable[[], Awaitable[None]]) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await step()
-                return
-            except Exception as error:
-                if not is_transient(error) or self._stop.is_set():
-                    raise
-                self._log.warning("pool_start_failed", error=str(error)[:300])
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
-                delay = min(delay * 2, 5.0)
+        def warn(error: BaseException, delay: float) -> None:
+            self._log.warning("pool_start_failed", error=str(error)[:300], retry_in_s=delay)
+
+        await retry_while_transient(step, stop=self._stop, on_retry=warn, max_delay=5.0)
 
 
 def _why(lease: Lease, me: str, now: float) -> str:

@@ -108,7 +108,7 @@ class Publisher:
         """Keep the delivery as it came, with why it could not be applied."""
         # The original may hold text that was not UTF-8 (refused for that):
         # escape it, or the dead letter itself could not be sent.
-        headers: dict[str, Any] = _encodable(clean_text(dict(request.headers or {})))
+        headers: dict[str, Any] = clean_text(dict(request.headers or {}))
         headers.update(
             {
                 HEADER_ERROR_CODE: code,
@@ -133,19 +133,3 @@ class Publisher:
             delivery_mode=DeliveryMode.PERSISTENT,
         )
         return self._dead.publish(message, routing_key=clean_text(request.routing_key or ""))
-
-
-def _encodable(value: Any) -> Any:
-    """Header values as pamqp can encode them again.
-
-    pamqp decodes a long-string header value that is not UTF-8 as ``bytes``,
-    which it cannot encode: the dead letter would fail on every redelivery and
-    stall the lane. A byte array keeps every byte.
-    """
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, dict):
-        return {key: _encodable(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_encodable(item) for item in value]
-    return value

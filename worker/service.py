@@ -73,7 +73,6 @@ class BudgetService:
 
     async def apply_many(self, requests: Sequence[Request]) -> list[Result]:
         """Apply several lanes' batches in one transaction; one result per request."""
-        requests = [r for r in requests]
         try:
             try:
                 return await self._once(requests)

@@ -82,7 +82,12 @@ def has_invalid_text(value: object) -> bool:
 
 
 def clean_text(value: Any) -> Any:
-    """``value`` with undecodable bytes shown as ``\\xNN`` escapes, so it can be sent."""
+    """``value`` as it can be sent again: undecodable bytes in text shown as
+    ``\\xNN`` escapes, and ``bytes`` (pamqp's decoding of a long-string header
+    that is not UTF-8, which it cannot encode back) as a byte array, every
+    byte kept."""
+    if isinstance(value, bytes):
+        return bytearray(value)
     if isinstance(value, str):
         if not has_invalid_text(value):
             return value

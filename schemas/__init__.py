@@ -23,6 +23,7 @@ from .commands import (
 )
 from .errors import ErrorCode
 from .events import THRESHOLD_CROSSED, ThresholdCrossedEvent
+from .lanes import LaneMap
 from .limits import (
     AGENT_ID_MAX_LENGTH,
     AGENT_ID_PATTERN,
@@ -60,6 +61,8 @@ from .topology import (
     HEADER_ERROR,
     HEADER_ERROR_CODE,
     HEADER_LANE,
+    LANES_EXCHANGE,
+    LANES_EXCHANGE_TYPE,
     lane_queue_name,
     refused_routing_key,
     threshold_routing_key,
@@ -82,6 +85,8 @@ __all__ = [
     "HEADER_ERROR",
     "HEADER_ERROR_CODE",
     "HEADER_LANE",
+    "LANES_EXCHANGE",
+    "LANES_EXCHANGE_TYPE",
     "MAX_BALANCE",
     "MAX_RESERVATION_TTL_SECONDS",
     "MAX_THRESHOLDS",
@@ -103,6 +108,7 @@ __all__ = [
     "ExpireReservations",
     "GetAvailable",
     "GetBudget",
+    "LaneMap",
     "OkReply",
     "RefusedEvent",
     "RegisterAgent",

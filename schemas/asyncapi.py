@@ -34,8 +34,10 @@ from .topology import COMMANDS_EXCHANGE, CONTENT_TYPE, EVENTS_EXCHANGE
 __all__ = ["CONTRACT_VERSION", "DEFAULT_PATH", "build", "main", "render"]
 
 #: Bumped with every change of the contract: 1.1 added reservations and
-#: threshold events to the commands, replies and refusals of 1.0.
-CONTRACT_VERSION: Final = "1.1.0"
+#: threshold events to the commands, replies and refusals of 1.0; 1.2 routes
+#: by a stable function of the agent id (a fanout budget.commands in front of
+#: the internal x-modulus-hash budget.lanes) and adds the code wrong_lane.
+CONTRACT_VERSION: Final = "1.2.0"
 DEFAULT_PATH: Final = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 
 _REF = "#/components/schemas/{model}"
@@ -124,13 +126,15 @@ def build() -> dict[str, Any]:
         "channels": {
             "commands": {
                 "address": COMMANDS_EXCHANGE,
-                "description": "Exchange of type x-consistent-hash. Routing key = agent_id. "
+                "description": "Exchange of type fanout; its one destination, the internal "
+                "x-modulus-hash exchange budget.lanes, picks each agent's lane by a pure function "
+                "of the agent id (docs/protocol.md §2.1). Routing key = agent_id. "
                 "State-changing commands carry a unique AMQP message_id (their identity).",
                 "messages": own(commands),
                 "bindings": {
                     "amqp": {
                         "is": "routingKey",
-                        "exchange": {"name": COMMANDS_EXCHANGE, "durable": True},
+                        "exchange": {"name": COMMANDS_EXCHANGE, "type": "fanout", "durable": True},
                         "bindingVersion": "0.3.0",
                     }
                 },

@@ -24,3 +24,7 @@ class ErrorCode(StrEnum):
     RESERVATION_NOT_FOUND = "reservation_not_found"
     #: ``commit`` or ``release`` of a reservation already committed, released or expired.
     RESERVATION_CLOSED = "reservation_closed"
+    #: The command arrived on a lane that is not its agent's (published to a
+    #: lane directly, or the lanes' bindings changed): dead-lettered, never
+    #: applied out of the agent's order.
+    WRONG_LANE = "wrong_lane"

@@ -13,12 +13,18 @@ __all__ = [
     "HEADER_ERROR",
     "HEADER_ERROR_CODE",
     "HEADER_LANE",
+    "LANES_EXCHANGE",
+    "LANES_EXCHANGE_TYPE",
     "lane_queue_name",
     "refused_routing_key",
     "threshold_routing_key",
 ]
 
+#: Where producers publish: a fanout exchange whose only destination is ``LANES_EXCHANGE``.
 COMMANDS_EXCHANGE: Final = "budget.commands"
+#: Internal: hashes the routing key (the agent id) onto the lanes (schemas/lanes.py).
+LANES_EXCHANGE: Final = "budget.lanes"
+LANES_EXCHANGE_TYPE: Final = "x-modulus-hash"
 EVENTS_EXCHANGE: Final = "budget.events"
 DEAD_LETTER_EXCHANGE: Final = "budget.dead"
 DEAD_LETTER_QUEUE: Final = "budget.dead"

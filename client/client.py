@@ -17,6 +17,7 @@ to an exchange that does not exist.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ from schemas import (
     RegisterAgent,
 )
 
+from .connection import CONNECTION_ERRORS, is_open
 from .errors import (
     BrokerUnavailable,
     BudgetClientError,
@@ -70,6 +72,11 @@ __all__ = ["BudgetClient", "ReplyQueue", "new_message_id"]
 ReplyQueue = Literal["direct", "exclusive"]
 
 _log = logging.getLogger(__name__)
+
+#: A request that failed because of the broker, not of the request.
+_BROKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError)
+#: Opening channels on a connection that died under us also says RuntimeError.
+_CHANNEL_LOST: tuple[type[BaseException], ...] = (*_BROKER_ERRORS, RuntimeError)
 
 
 def new_message_id() -> str:
@@ -266,7 +273,7 @@ class BudgetClient(ReservationCommands):
             ) from None
         except aiormq.exceptions.DeliveryError as error:
             raise NotDelivered(f"the broker refused {what}: {error}") from error
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as error:
+        except _BROKER_ERRORS as error:
             raise NotDelivered(f"the broker did not confirm {what}: {error!r}") from error
 
     async def _ready(self) -> None:
@@ -278,20 +285,23 @@ class BudgetClient(ReservationCommands):
         async with self._lock:
             if self._usable():
                 return
-            if self._connection is None or self._connection.is_closed:
+            if not is_open(self._connection):
+                dead, self._connection = self._connection, None
+                if dead is not None:
+                    with contextlib.suppress(Exception):
+                        await dead.close()
                 self._connection = await self._open_connection()
             try:
                 await self._open_channels(self._connection)
-            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as error:
+            except _CHANNEL_LOST as error:
                 # The connection died under us (a broker restart): start
                 # afresh on the next call rather than reuse its corpse.
                 self._connection = None
                 raise BrokerUnavailable(f"cannot open a channel: {error!r}") from error
 
     def _usable(self) -> bool:
-        return not any(
-            part is None or part.is_closed
-            for part in (self._connection, self._channel, self._reply_channel)
+        return is_open(self._connection) and not any(
+            part is None or part.is_closed for part in (self._channel, self._reply_channel)
         )
 
     async def _open_connection(self) -> AbstractConnection:
@@ -299,7 +309,7 @@ class BudgetClient(ReservationCommands):
             connection = await aio_pika.connect(
                 self._url, timeout=self.timeout, client_properties={"connection_name": self._name}
             )
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as error:
+        except _BROKER_ERRORS as error:
             raise BrokerUnavailable(f"cannot connect to the broker: {error!r}") from error
         connection.close_callbacks.add(
             lambda *_: self._fail_pending(

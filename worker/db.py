@@ -1,13 +1,14 @@
 """Engines with the durability this service promises, and error classification."""
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .backoff import Backoff, pause
 
 __all__ = ["create_engine", "is_sqlite", "is_transient", "retry_while_transient"]
 
@@ -121,12 +122,13 @@ async def retry_while_transient(
     stop: asyncio.Event,
     on_retry: Callable[[BaseException, float], None],
     max_delay: float,
+    initial_delay: float = 0.2,
 ) -> None:
     """Run ``step`` until it succeeds, backing off while the database is away.
 
     A non-transient error, or a transient one once ``stop`` is set, is raised.
     """
-    delay = 0.2
+    backoff = Backoff(initial_delay, max_delay)
     while True:
         try:
             await step()
@@ -134,7 +136,6 @@ async def retry_while_transient(
         except Exception as error:
             if not is_transient(error) or stop.is_set():
                 raise
+            delay = backoff.next()
             on_retry(error, delay)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        delay = min(delay * 2, max_delay)
+        await pause(delay, stop)

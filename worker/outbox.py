@@ -16,8 +16,10 @@ from typing import Any, Protocol
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange, DeliveryMode
 
+from client.connection import is_open
 from schemas import CONTENT_TYPE, EVENTS_EXCHANGE
 
+from .backoff import Backoff, pause
 from .db import is_transient
 from .outcomes import PendingEvent, StorageUnavailable
 
@@ -61,12 +63,13 @@ class OutboxPublisher:
 
     async def run(self) -> None:
         """Publish until cancelled or the connection is gone; retry after failures."""
-        delay = self._poll
-        while not self._connection.is_closed:
+        backoff = Backoff(self._poll, 30.0)
+        while is_open(self._connection):
             try:
                 channel = await self._connection.channel(publisher_confirms=True)
                 try:
                     exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+                    backoff.reset()
                     await self._serve(exchange)
                 finally:
                     with contextlib.suppress(Exception):
@@ -74,12 +77,14 @@ class OutboxPublisher:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                if self._connection.is_closed:
+                if not is_open(self._connection):
                     return
                 level = "warning" if _expected(error) else "error"
-                getattr(self._log, level)("outbox_failed", error=repr(error)[:300])
-                await self._sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = backoff.next()
+                log = getattr(self._log, level)
+                log("outbox_failed", error=repr(error)[:300], retry_in_s=delay)
+                # Not cut short by notify(): a failing publisher backs off.
+                await pause(delay)
 
     async def _serve(self, exchange: AbstractExchange) -> None:
         while True:
@@ -102,8 +107,7 @@ class OutboxPublisher:
         return len(events)
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        await pause(seconds, self._wake)
 
 
 def _message(event: PendingEvent) -> aio_pika.Message:

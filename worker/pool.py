@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .backoff import pause
 from .db import is_transient, retry_while_transient
 from .leases import Lease, LeaseStore, PoolView
 from .outcomes import Fence, StorageUnavailable
@@ -71,8 +72,7 @@ class Pool:
                     if not isinstance(error, StorageUnavailable) and not is_transient(error):
                         raise
                     self._log.warning("pool_tick_failed", error=str(error)[:300])
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=self._interval)
+                await pause(self._interval, self._stop)
         finally:
             await asyncio.gather(*(self._stop_lane(p) for p in sorted(self._running())))
             with contextlib.suppress(Exception):

@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     renew_interval: float = Field(default=2.0, gt=0)
     migrate_on_start: bool = True
     db_pool_size: int = Field(default=5, ge=1, le=100)
-    #: Backoff cap while the broker or the database is away.
+    #: Backoff while the broker or the database is away: the first delay,
+    #: doubled on every failure up to the cap.
+    retry_initial_seconds: float = Field(default=0.1, gt=0)
     retry_max_seconds: float = Field(default=10.0, gt=0)
     #: ``BUDGET_AUTH``: ``none`` (default) or ``user-id``. Set it the same on
     #: every worker: each applies its own policy to the lanes it holds.

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange, DeliveryMode
 
+from client.connection import is_open
 from schemas import COMMANDS_EXCHANGE, CONTENT_TYPE, ExpireReservations
 
 __all__ = ["OverdueStore", "Sweeper"]
@@ -57,7 +58,7 @@ class Sweeper:
         self.requested = 0
 
     async def run(self) -> None:
-        while not self._connection.is_closed:
+        while is_open(self._connection):
             try:
                 channel = await self._connection.channel(publisher_confirms=True)
                 try:
@@ -72,7 +73,7 @@ class Sweeper:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                if self._connection.is_closed:
+                if not is_open(self._connection):
                     return
                 self._log.warning("sweep_failed", error=repr(error)[:300])
                 await asyncio.sleep(self._interval)

@@ -69,7 +69,8 @@ async def declare(amqp_url: str, partitions: int, delivery_limit: int) -> list[s
     """The worker's own topology (same exchange, same quorum lanes), declared by its code."""
     connection = await aio_pika.connect(amqp_url)
     try:
-        return await declare_topology(connection, TopologySpec(partitions, delivery_limit))
+        topology = await declare_topology(connection, TopologySpec(partitions, delivery_limit))
+        return list(topology.lanes)
     finally:
         await connection.close()
 

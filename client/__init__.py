@@ -21,6 +21,7 @@ from .errors import (
     ReservationClosedError,
     ReservationNotFoundError,
     UnauthorizedError,
+    WrongLaneError,
     refusal_for,
     refusal_from_wire,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "ReservationNotFoundError",
     "ReservationScope",
     "UnauthorizedError",
+    "WrongLaneError",
     "new_message_id",
     "refusal_for",
     "refusal_from_wire",

@@ -30,6 +30,7 @@ __all__ = [
     "ReservationClosedError",
     "ReservationNotFoundError",
     "UnauthorizedError",
+    "WrongLaneError",
     "refusal_for",
     "refusal_from_wire",
 ]
@@ -121,6 +122,12 @@ class ReservationClosedError(CommandRefused):
     ``consume`` if it must count, and give later holds a longer ``ttl_seconds``."""
 
 
+class WrongLaneError(CommandRefused):
+    """The command reached a lane that is not its agent's and was dead-lettered,
+    not applied: it was published to a lane queue directly, or the lanes'
+    bindings were changed. Publish to ``budget.commands`` (the SDK does)."""
+
+
 class RequestTimeout(BudgetClientError):
     """No reply in time. The command may or may not have been applied: retry
     with the SAME message_id, which the worker deduplicates, to find out."""
@@ -166,6 +173,7 @@ _BY_CODE: dict[str, type[CommandRefused]] = {
     ErrorCode.RESERVATION_NOT_FOUND: ReservationNotFoundError,
     ErrorCode.RESERVATION_CLOSED: ReservationClosedError,
     ErrorCode.UNAUTHORIZED: UnauthorizedError,
+    ErrorCode.WRONG_LANE: WrongLaneError,
 }
 
 

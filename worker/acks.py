@@ -50,9 +50,7 @@ _REFUSALS = frozenset(
 def settle(result: Outcome | Invalid, *, has_reply_to: bool) -> Settlement:
     """The fate of one delivery whose batch was applied and committed."""
     if isinstance(result, Invalid):
-        return Settlement(
-            Disposition.DEAD_LETTER, error_code=ErrorCode.INVALID_COMMAND, reason=result.reason
-        )
+        return Settlement(Disposition.DEAD_LETTER, error_code=result.code, reason=result.reason)
     if result.kind is OutcomeKind.REJECTED:
         code = result.reply.error.code if not result.reply.ok else None
         message = result.reply.error.message if not result.reply.ok else None

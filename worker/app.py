@@ -11,9 +11,13 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from client.connection import CONNECTION_ERRORS
+from schemas import LaneMap
+
 from . import wire_guard
 from .auth import AuthPolicy
 from .background import Background
+from .backoff import Backoff, pause
 from .committer import GroupCommitter
 from .db import create_engine, retry_while_transient
 from .lane import Lane, LaneConfig
@@ -24,10 +28,20 @@ from .outcomes import Fence
 from .pool import Pool
 from .service import BudgetService
 from .settings import AuthMode, Settings
-from .topology import TopologyError, TopologySpec, declare_topology
+from .topology import (
+    Routing,
+    TopologyError,
+    TopologySpec,
+    broker_version,
+    declare_topology,
+    routing_is_stable_on,
+)
+from .upgrade import RoutingUpgrade
 from .urls import redact_url
 
 __all__ = ["Worker", "connect_amqp"]
+
+_BROKER_LOST: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aio_pika.exceptions.AMQPError)
 
 
 async def connect_amqp(settings: Settings, *, name: str) -> AbstractConnection:
@@ -52,6 +66,9 @@ class Worker:
         self.worker_id = uuid.uuid4().hex
         self.name = f"budget-worker {socket.gethostname()}:{os.getpid()}"
         self.pool: Pool | None = None
+        #: The lanes it runs, by partition (for tests and health).
+        self.lanes: dict[int, Lane] = {}
+        self.upgrade: RoutingUpgrade | None = None
         self._pool_stop: Callable[[], None] | None = None
         self._stop = asyncio.Event()
         self._log = get_logger(worker=self.name)
@@ -97,18 +114,17 @@ class Worker:
                 # the memory a transaction holds, whatever the backlog.
                 max_commands=settings.batch_max,
             )
-            delay = 0.2
+            backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
             while not self._stop.is_set():
                 try:
                     await self._serve(service)
-                    delay = 0.2
+                    backoff.reset()
                 except TopologyError:
                     raise
-                except (ConnectionError, OSError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
+                except _BROKER_LOST as e:
+                    delay = backoff.next()
                     self._log.warning("broker_unavailable", error=repr(e), retry_in_s=delay)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), timeout=delay)
-                    delay = min(delay * 2, settings.retry_max_seconds)
+                    await pause(delay, self._stop)
         finally:
             self.ready.clear()
             if service is not None:
@@ -122,20 +138,40 @@ class Worker:
         connection.close_callbacks.add(lambda *_: lost.set())
         lanes: dict[int, tuple[Lane, asyncio.Task[None]]] = {}
         background: Background | None = None
+        upgrading: asyncio.Task[None] | None = None
         try:
-            names = await declare_topology(connection, self.topology)
+            topology = await declare_topology(connection, self.topology)
+            version = broker_version(connection)
+            if not routing_is_stable_on(version):
+                self._log.warning(
+                    "broker_routing_unstable",
+                    version=version,
+                    why="RabbitMQ 4.2 with Khepri may move agents to other lanes on a restart; "
+                    "their commands are then dead-lettered as wrong_lane. Use 4.3+ (or 4.1)",
+                )
             config = self._lane_config()
+            upgrade = None
+            if topology.routing is Routing.DRAINING:
+                upgrade = self._routing_upgrade()
+                self._log.warning(
+                    "routing_upgrade",
+                    why="budget.commands is the legacy consistent-hash exchange: its lanes "
+                    "are unbound and drained, then it is switched (docs/operations.md)",
+                )
+                upgrading = asyncio.create_task(upgrade.run(connection), name="routing-upgrade")
 
             def start_lane(fence: Fence) -> None:
                 lane = Lane(
                     fence.partition,
-                    names[fence.partition],
+                    topology.lanes[fence.partition],
                     connection,
                     service,
                     config,
                     self._log,
                     fence=fence,
+                    draining=upgrade,
                 )
+                self.lanes[fence.partition] = lane
                 lanes[fence.partition] = (
                     lane,
                     asyncio.create_task(lane.run(), name=lane.queue_name),
@@ -143,6 +179,7 @@ class Worker:
 
             async def stop_lane(partition: int) -> None:
                 lane, task = lanes.pop(partition)
+                self.lanes.pop(partition, None)
                 lane.stop()
                 # The lane finishes the batch in hand and closes its channel.
                 await asyncio.gather(task, return_exceptions=True)
@@ -191,13 +228,16 @@ class Worker:
         finally:
             self.ready.clear()
             self._pool_stop = None
+            if upgrading is not None:
+                upgrading.cancel()
             for lane, task in lanes.values():
                 lane.stop()
                 task.cancel()
-            if background is not None:
-                await background.close()
+            # Closed first, so that every loop on it sees it gone and ends.
             with contextlib.suppress(Exception):
                 await connection.close()
+            if background is not None:
+                await background.close()
 
     async def _check_partitions(self) -> None:
         recorded = await recorded_partitions(self._require_engine())
@@ -215,9 +255,22 @@ class Worker:
             batch_max=self.settings.batch_max,
             max_body_bytes=self.settings.max_body_bytes,
             retry_max_seconds=self.settings.retry_max_seconds,
+            retry_initial_seconds=self.settings.retry_initial_seconds,
             log_ops=self.settings.log_level.lower() in ("debug", "info"),
             auth=AuthPolicy.from_settings(self.settings),
+            lanes=LaneMap(self.topology.partitions),
         )
+
+    def _routing_upgrade(self) -> RoutingUpgrade:
+        if self.upgrade is None:
+            self.upgrade = RoutingUpgrade(
+                self._require_engine(),
+                self.topology,
+                worker_id=self.worker_id,
+                log=self._log,
+                check_interval=self.settings.renew_interval,
+            )
+        return self.upgrade
 
     def _lease_store(self) -> LeaseStore:
         return LeaseStore(

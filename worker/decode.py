@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from schemas import ValidationIssue, parse_command
+from schemas import ErrorCode, ValidationIssue, parse_command
 
 from .outcomes import Envelope
 
@@ -16,10 +16,11 @@ _ENCODINGS = frozenset({"", "utf-8", "utf8", "identity"})
 
 @dataclass(frozen=True, slots=True)
 class Invalid:
-    """A delivery that cannot be a command: it is dead-lettered with ``reason``."""
+    """A delivery that cannot be applied: it is dead-lettered with ``reason``."""
 
     reason: str
     issues: tuple[ValidationIssue, ...] = ()
+    code: ErrorCode = ErrorCode.INVALID_COMMAND
 
 
 def decode(

@@ -11,21 +11,24 @@ processed-command records.
 import asyncio
 import contextlib
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from schemas import ErrorBody, ErrorCode, ErrorReply, encode_reply
+from client.connection import is_open
+from schemas import ErrorBody, ErrorCode, ErrorReply, LaneMap, encode_reply
 
 from .acks import Disposition, settle, settle_failure
 from .auth import AuthPolicy, authorize, unauthorized_outcome
+from .backoff import Backoff, pause
 from .decode import Invalid, decode
 from .outcomes import CommandApplier, Envelope, Fence, Fenced, Outcome, OutcomeKind
-from .publisher import Publisher
+from .publisher import DRAIN_MARKER, Publisher
 from .wire_guard import clean_text, has_invalid_text
 
-__all__ = ["Lane", "LaneConfig"]
+__all__ = ["DrainListener", "Lane", "LaneConfig"]
 
 _STOP: Any = object()
 
@@ -36,9 +39,22 @@ class LaneConfig:
     batch_max: int
     max_body_bytes: int
     retry_max_seconds: float
+    retry_initial_seconds: float = 0.05
     log_ops: bool = True
     #: Checked per command before its batch reaches the database.
     auth: AuthPolicy = field(default_factory=AuthPolicy)
+    #: Which lane each agent belongs to; None only for tools and tests that
+    #: consume lanes of their own.
+    lanes: LaneMap | None = None
+
+
+class DrainListener(Protocol):
+    """The routing upgrade, as a lane draining the legacy routing sees it
+    (worker/upgrade.py)."""
+
+    async def is_drained(self, partition: int) -> bool: ...
+
+    async def drained(self, partition: int) -> None: ...
 
 
 class _Stopping(Exception):
@@ -55,6 +71,7 @@ class Lane:
         config: LaneConfig,
         log: Any,
         fence: Fence | None = None,
+        draining: DrainListener | None = None,
     ) -> None:
         self.index = index
         #: The lease this lane runs under; None only outside a pool (tests, tools).
@@ -67,6 +84,13 @@ class Lane:
         self._stopping = False
         self._wake = asyncio.Event()
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        #: Set while this lane drains what the legacy exchange routed: no lane
+        #: guard (the old ring placed those commands), and a marker to find
+        #: the end of them.
+        self._draining = draining
+        self._marker: str | None = None
+        #: Deliveries dead-lettered because they belong to another lane.
+        self.misrouted = 0
 
     def stop(self) -> None:
         """Finish the batch in hand, then close: the rest goes back to the broker."""
@@ -76,22 +100,22 @@ class Lane:
 
     async def run(self) -> None:
         """Serve until stopped or the connection is gone; restart after failures."""
-        delay = 0.1
-        while not self._stopping and not self._connection.is_closed:
+        backoff = Backoff(self._config.retry_initial_seconds, self._config.retry_max_seconds)
+        while not self._stopping and is_open(self._connection):
             try:
                 await self._serve()
-                delay = 0.1
+                backoff.reset()
             except Fenced as error:
                 # Another worker owns the partition now; the batch was not
                 # committed and went back to the broker with the channel.
                 self._log.warning("lane_fenced", reason=str(error))
                 return
             except Exception as error:
-                if self._stopping or self._connection.is_closed:
+                if self._stopping or not is_open(self._connection):
                     break
+                delay = backoff.next()
                 self._log.error("lane_failed", error=repr(error), retry_in_s=delay)
                 await self._pause(delay)
-                delay = min(delay * 2, self._config.retry_max_seconds)
 
     async def _serve(self) -> None:
         channel = await self._connection.channel(publisher_confirms=False)
@@ -104,6 +128,7 @@ class Lane:
                 return
             await queue.consume(self._on_message, no_ack=False)
             self._log.debug("lane_consuming", queue=self.queue_name)
+            await self._start_drain(publisher)
             while not self._stopping:
                 batch = await self._take()
                 if batch:
@@ -134,7 +159,26 @@ class Lane:
         batch.sort(key=lambda message: message.delivery_tag or 0)
         return batch
 
+    async def _start_drain(self, publisher: Publisher) -> None:
+        """In draining mode, put a marker of our own behind everything queued."""
+        if self._draining is None:
+            return
+        if await self._draining.is_drained(self.index):
+            self._draining = None
+            return
+        self._marker = uuid.uuid4().hex
+        await publisher.drain_marker(self.queue_name, self._marker)
+        self._log.info("lane_draining", queue=self.queue_name)
+
     async def _process(self, batch: list[AbstractIncomingMessage], publisher: Publisher) -> None:
+        drained = False
+        # The batch's last delivery: one acknowledgement covers it and all before.
+        last = batch[-1]
+        if self._draining is not None:
+            batch, drained = self._take_markers(batch)
+            if not batch:
+                await last.ack(multiple=True)
+                return await self._drained(drained)
         started = time.perf_counter()
         decoded = [self._decode(message) for message in batch]
         # An unauthorized command never reaches the database: nothing of it is
@@ -171,14 +215,43 @@ class Lane:
                 assert isinstance(result.reply, ErrorReply)
                 pending.append(publisher.refused(item.command, item.message_id, result.reply))
         await asyncio.gather(*pending)
-        await batch[-1].ack(multiple=True)
+        await last.ack(multiple=True)
         self._log_batch(batch, decoded, results, time.perf_counter() - started)
+        await self._drained(drained)
 
+    def _take_markers(
+        self, batch: list[AbstractIncomingMessage]
+    ) -> tuple[list[AbstractIncomingMessage], bool]:
+        """The batch without drain markers; True if ours is among them.
+
+        A marker of a former owner of this lane (which died draining) is
+        acknowledged with the batch and logged: only our own marks the end.
+        """
+        kept: list[AbstractIncomingMessage] = []
+        ours = False
+        for message in batch:
+            marker = (message.headers or {}).get(DRAIN_MARKER)
+            if marker is None:
+                kept.append(message)
+            elif marker == self._marker:
+                ours = True
+            else:
+                self._log.info("drain_marker_stale", marker=clean_text(str(marker)))
+        return kept, ours
+
+    async def _drained(self, drained: bool) -> None:
+        if not drained or self._draining is None:
+            return
+        # Everything the legacy exchange put on this lane is applied and
+        # acknowledged: from here on only stable routing feeds it.
+        await self._draining.drained(self.index)
+        self._draining = None
+        self._log.info("lane_drained", queue=self.queue_name)
     def _decode(self, message: AbstractIncomingMessage) -> Envelope | Invalid:
         for name in _TEXT_PROPERTIES:
             if has_invalid_text(getattr(message, name)):
                 return Invalid(f"property {name} is not valid UTF-8")
-        return decode(
+        item = decode(
             message.body,
             routing_key=message.routing_key,
             message_id=message.message_id,
@@ -186,6 +259,25 @@ class Lane:
             content_encoding=message.content_encoding,
             max_body_bytes=self._config.max_body_bytes,
         )
+        lanes = self._config.lanes
+        if isinstance(item, Envelope) and lanes is not None and self._draining is None:
+            home = lanes.index_of(item.command.agent_id)
+            if home != self.index:
+                # Applying it here could overtake the agent's commands queued
+                # on its own lane: never out of order, so never applied.
+                self.misrouted += 1
+                self._log.warning(
+                    "command_misrouted",
+                    agent=item.command.agent_id,
+                    message_id=clean_text(message.message_id),
+                    home_lane=home,
+                )
+                return Invalid(
+                    f"agent {item.command.agent_id!r} belongs to lane {home}, not lane "
+                    f"{self.index}: publish to budget.commands, never to a lane queue",
+                    code=ErrorCode.WRONG_LANE,
+                )
+        return item
 
     def _authorize(
         self, message: AbstractIncomingMessage, item: Envelope | Invalid
@@ -205,22 +297,21 @@ class Lane:
         return unauthorized_outcome(error)
 
     async def _apply(self, envelopes: list[Envelope]) -> list[Outcome]:
-        delay = 0.05
+        backoff = Backoff(self._config.retry_initial_seconds, self._config.retry_max_seconds)
         while True:
             try:
                 return await self._applier.apply(envelopes, self.fence)
             except Exception as error:
                 if settle_failure(error) is not Disposition.RETRY:
                     raise
+                delay = backoff.next()
                 self._log.warning("storage_unavailable", error=str(error), retry_in_s=delay)
                 await self._pause(delay)
                 if self._stopping:
                     raise _Stopping() from error
-                delay = min(delay * 2, self._config.retry_max_seconds)
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        await pause(seconds, self._wake)
 
     def _log_batch(
         self,
@@ -282,7 +373,7 @@ def _body(result: Outcome | Invalid) -> bytes:
     return encode_reply(
         ErrorReply(
             error=ErrorBody(
-                code=ErrorCode.INVALID_COMMAND,
+                code=result.code,
                 message=result.reason,
                 errors=list(result.issues) or None,
             )

@@ -29,7 +29,10 @@ from schemas import (
 
 from .wire_guard import clean_text
 
-__all__ = ["Publisher"]
+__all__ = ["DRAIN_MARKER", "Publisher"]
+
+#: Header of the marker a lane puts behind the legacy routing's commands.
+DRAIN_MARKER = "x-budget-drain-marker"
 
 
 class Publisher:
@@ -50,6 +53,7 @@ class Publisher:
         replies: AbstractExchange,
     ) -> None:
         self.channel = channel
+        self._confirmed_default = channel.default_exchange
         self._default = replies
         self._events = events
         self._dead = dead
@@ -79,6 +83,16 @@ class Publisher:
         )
         # Not mandatory: a requester that has gone away is not an error to hear about.
         return self._default.publish(message, routing_key=request.reply_to, mandatory=False)
+
+    async def drain_marker(self, queue_name: str, marker: str) -> None:
+        """Publish ``marker`` to the back of ``queue_name``, confirmed."""
+        message = aio_pika.Message(
+            b"{}",
+            content_type=CONTENT_TYPE,
+            headers={DRAIN_MARKER: marker},
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        await self._confirmed_default.publish(message, routing_key=queue_name)
 
     def refused(
         self, command: Command, message_id: str | None, error: ErrorReply

@@ -26,6 +26,7 @@ __all__ = [
     "partition_leases",
     "processed_commands",
     "reservations",
+    "routing_drains",
     "workers",
 ]
 
@@ -184,4 +185,14 @@ partition_leases = Table(
     Column("owner", String(64), nullable=True),
     Column("epoch", BigInteger, nullable=False),
     Column("expires_at", Float, nullable=False),
+)
+
+#: Lanes emptied of what the legacy consistent-hash exchange routed, during the
+#: upgrade to stable routing: once every partition is here, it is switched.
+routing_drains = Table(
+    "routing_drains",
+    metadata,
+    Column("partition", Integer, primary_key=True, autoincrement=False),
+    Column("worker_id", String(64), nullable=False),
+    Column("drained_at", Float, nullable=False),
 )

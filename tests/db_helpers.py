@@ -14,6 +14,7 @@ from worker.tables import budgets, ledger, processed_commands
 
 __all__ = [
     "balances",
+    "lanes_applied_on",
     "ledger_ids",
     "ledger_size",
     "processed_ids",
@@ -54,6 +55,16 @@ async def ledger_ids(engine: AsyncEngine) -> dict[str, list[str]]:
         for agent, message_id in rows:
             result.setdefault(agent, []).append(message_id)
         return result
+
+
+async def lanes_applied_on(engine: AsyncEngine) -> dict[str, set[int]]:
+    """agent_id -> the lanes (lease partitions) its ledger rows were applied under."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(ledger.c.agent_id, ledger.c.lease_partition))
+        found: dict[str, set[int]] = {}
+        for agent, partition in rows:
+            found.setdefault(agent, set()).add(partition)
+        return found
 
 
 async def ledger_size(engine: AsyncEngine) -> int:

@@ -5,23 +5,37 @@ start private ones on other ports, in a temporary directory, and remove them.
 """
 
 import contextlib
+import json
 import os
+import random
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-__all__ = ["PrivatePostgres", "PrivateRabbit", "free_port"]
+__all__ = ["PrivateCluster", "PrivatePostgres", "PrivateRabbit", "free_port"]
 
 
 def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now, below the kernel's ephemeral range: a port from that
+    range can be taken by any outgoing connection before our server binds it."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000..{low}")
 
 
 def _run(*args: str, user: str | None = None, timeout: float = 120) -> str:
@@ -35,13 +49,15 @@ def _run(*args: str, user: str | None = None, timeout: float = 120) -> str:
 
 
 class PrivateRabbit:
-    """``rabbitmq-server`` as a second node, with the consistent-hash plugin."""
+    """``rabbitmq-server`` as a second node, with the plugin of the lanes' exchange."""
 
     def __init__(self) -> None:
         self.name = f"budget{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="budget-rabbit-"))
-        (self.dir / "enabled_plugins").write_text("[rabbitmq_consistent_hash_exchange].\n")
+        (self.dir / "enabled_plugins").write_text(
+            "[rabbitmq_sharding,rabbitmq_consistent_hash_exchange].\n"
+        )
         (self.dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
         )
@@ -68,6 +84,7 @@ class PrivateRabbit:
             shutil.chown(self.dir, "rabbitmq", "rabbitmq")
             for path in self.dir.iterdir():
                 shutil.chown(path, "rabbitmq", "rabbitmq")
+        (self.dir / "pid").unlink(missing_ok=True)
         subprocess.run(["rabbitmq-server", "-detached"], env=self.env, check=True, timeout=60)
         deadline = time.monotonic() + 90
         while not (self.dir / "pid").exists():
@@ -84,6 +101,28 @@ class PrivateRabbit:
         self.ctl("start_app")
         self.ctl("await_startup", "--timeout", "60")
 
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM: a crash, not a stop (nothing is flushed)."""
+        pid = int((self.dir / "pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"RabbitMQ VM {pid} survived SIGKILL")
+            time.sleep(0.1)
+
+    def restart(self, how: str) -> None:
+        """``stop_app``/``start_app`` (a graceful restart), or ``kill`` and boot again."""
+        if how == "graceful":
+            self.stop_app()
+            self.start_app()
+        elif how == "kill":
+            self.kill()
+            self.start()
+            self.ctl("await_startup", "--timeout", "60")
+        else:
+            raise ValueError(how)
+
     def queues(self) -> dict[str, tuple[int, int]]:
         """name -> (messages, consumers)."""
         out = self.ctl("list_queues", "name", "messages", "consumers", "-q", "--no-table-headers")
@@ -98,6 +137,51 @@ class PrivateRabbit:
         with contextlib.suppress(Exception):  # already gone
             self.ctl("stop", timeout=60)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers signal 0: its state in /proc says it is gone.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return False
+    return True
+
+
+class PrivateCluster:
+    """Three private nodes joined into one cluster (``join_cluster``).
+
+    Quorum queues declared after the join have a replica on every node, so
+    the cluster keeps serving while any one node restarts.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [PrivateRabbit() for _ in range(size)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def start(self) -> "PrivateCluster":
+        for node in self.nodes:
+            node.start()
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.stop_app()
+            node.ctl("join_cluster", first.name)
+            node.start_app()
+        return self
+
+    def running_nodes(self) -> int:
+        status = self.nodes[0].ctl("cluster_status", "--formatter", "json")
+        return len(json.loads(status).get("running_nodes", []))
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
 
 
 class PrivatePostgres:

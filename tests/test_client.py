@@ -28,7 +28,7 @@ from tests.inprocess import running
 from tests.support import funded, unique
 from worker.app import Worker
 from worker.settings import Settings
-from worker.topology import CONSISTENT_HASH, TopologySpec, declare_topology
+from worker.topology import TopologySpec, declare_topology
 
 REPLY_QUEUES: list[ReplyQueue] = ["direct", "exclusive"]
 
@@ -210,7 +210,7 @@ async def _declare(amqp_url: str, *, lanes: bool) -> None:
             await declare_topology(connection, TopologySpec(partitions=2, delivery_limit=5))
         else:
             channel = await connection.channel()
-            await channel.declare_exchange(COMMANDS_EXCHANGE, CONSISTENT_HASH, durable=True)
+            await channel.declare_exchange(COMMANDS_EXCHANGE, "fanout", durable=True)
     finally:
         await connection.close()
 
@@ -265,16 +265,20 @@ async def test_retry_after_timeout_with_the_same_message_id_gets_the_outcome(
 ) -> None:
     async with running(Worker(worker_settings)):
         pass  # leaves its topology behind: lanes bound, nobody consuming
-    async with BudgetClient.connect(amqp_url, timeout=0.3) as client:
+    async with BudgetClient.connect(amqp_url, timeout=20) as client:
+        async with running(Worker(worker_settings)):
+            await client.register_agent("agent-1")
+        client.timeout = 0.3
         with pytest.raises(RequestTimeout):
-            await client.register_agent("agent-1", message_id="reg-1")
+            await client.allocate("agent-1", 100, message_id="alloc-1")
         client.timeout = 20
         async with running(Worker(worker_settings)):
-            # The first command is applied; its late reply is dropped, and the
-            # retry is answered from the stored outcome.
-            assert await client.register_agent("agent-1", message_id="reg-1") == view(
-                "agent-1", None, None
-            )
+            # The first allocate waited in its lane and is applied when a worker
+            # comes; its late reply is dropped, and the retry is answered from
+            # the stored outcome: one allocation, not two.
+            retried = await client.allocate("agent-1", 100, message_id="alloc-1")
+            assert retried == view("agent-1", 100, 0)
+            assert await client.get_budget("agent-1") == view("agent-1", 100, 0)
             assert client.pending_requests == 0
 
 

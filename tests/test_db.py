@@ -13,7 +13,10 @@ async def test_commits_are_durable_before_they_return(engine: AsyncEngine) -> No
             assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
             assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 2  # FULL
         else:
-            assert (await conn.execute(text("SHOW synchronous_commit"))).scalar() == "on"
+            # synchronous_commit waits for the WAL flush; fsync and full pages
+            # make that flush survive a power cut.
+            for setting in ("synchronous_commit", "fsync", "full_page_writes"):
+                assert (await conn.execute(text(f"SHOW {setting}"))).scalar() == "on", setting
 
 
 def test_constraint_errors_are_not_transient() -> None:

@@ -208,9 +208,11 @@ async def test_workers_starting_together_agree_on_the_topology(
     async with running(Worker(worker_settings), Worker(worker_settings)):
         lanes = [rabbit.queue(vhost, lane_queue_name(n)) for n in range(worker_settings.partitions)]
         exchange = rabbit.call("GET", f"/exchanges/{quote(vhost, safe='')}/budget.commands")
+        router = rabbit.call("GET", f"/exchanges/{quote(vhost, safe='')}/budget.lanes")
         dead = rabbit.queue(vhost, DEAD_LETTER_QUEUE)
 
-    assert exchange["type"] == "x-consistent-hash"
+    assert exchange["type"] == "fanout"
+    assert (router["type"], router["internal"]) == ("x-modulus-hash", True)
     for lane in lanes:
         assert (lane["durable"], lane["arguments"]) == (
             True,
@@ -225,15 +227,15 @@ async def test_workers_starting_together_agree_on_the_topology(
 
 
 @sqlite_only
-async def test_missing_consistent_hash_plugin_fails_start_up_with_the_fix(
+async def test_missing_modulus_hash_exchange_fails_start_up_with_the_fix(
     worker_settings: Settings,
 ) -> None:
     topology = TopologySpec(
         worker_settings.partitions,
         worker_settings.delivery_limit,
-        commands_exchange_type="x-not-installed",
+        router_exchange_type="x-not-installed",
     )
     worker = Worker(worker_settings, topology=topology)
     with pytest.raises(PluginMissing) as raised:
         await asyncio.wait_for(worker.run(), 60)
-    assert "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange" in str(raised.value)
+    assert "rabbitmq-plugins enable rabbitmq_sharding" in str(raised.value)

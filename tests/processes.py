@@ -1,5 +1,6 @@
 """Real worker processes for tests that kill, pause and restart them."""
 
+import asyncio
 import json
 import os
 import signal
@@ -65,6 +66,10 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         self.wait_for_event("worker_ready", timeout)
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """``wait_ready`` without blocking the event loop."""
+        await asyncio.to_thread(self.wait_for_event, "worker_ready", timeout)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

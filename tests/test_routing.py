@@ -14,11 +14,15 @@ from urllib.parse import quote
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from client import BudgetClient
 from schemas import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_QUEUE,
     HEADER_ERROR_CODE,
+    BudgetView,
     LaneMap,
     lane_queue_name,
     parse_reply,
@@ -27,11 +31,13 @@ from tests.amqp_helpers import Amqp, Outgoing, ask, command, open_amqp, setup_ag
 from tests.db_helpers import balances, ledger_ids, reader
 from tests.eventually import eventually
 from tests.inprocess import running
+from tests.processes import WorkerProcess
 from tests.support import RabbitAdmin
 from tests.workload import make_workload
 from worker.app import Worker
 from worker.audit import reconcile
 from worker.settings import Settings
+from worker.tables import processed_commands, routing_drains
 from worker.topology import (
     LEGACY_EXCHANGE_TYPE,
     TopologySpec,
@@ -270,3 +276,77 @@ def _exchange_type(rabbit: RabbitAdmin, vhost: str) -> str:
         raise
     return str(found["type"])
 
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_while_draining_the_legacy_routing_is_succeeded_in_order(
+    worker_process: Callable[..., WorkerProcess], amqp_url: str, database_url: str,
+    rabbit: RabbitAdmin, vhost: str,
+) -> None:
+    await _declare_legacy(amqp_url, 4, 20)
+    rounds, model = make_workload(60, 50, seed=10, queries=False, prefix="drainkill")
+    async with open_amqp(amqp_url) as amqp:
+        for round_ in rounds:
+            await amqp.publish_all(s.outgoing() for s in round_)
+        pool = {"lease_ttl": 1.5, "member_ttl": 1.5, "renew_interval": 0.3}
+        # Small batches: the first worker is killed with most of the drain ahead.
+        first = worker_process(batch_max=8, prefetch=16, **pool)
+        await first.ready()
+        async with reader(database_url) as engine:
+            await eventually(
+                lambda: _processed(engine), within=60, what="draining under way",
+                done=lambda n: n >= 300,
+            )
+            first.kill()
+            assert await _processed(engine) < model.state_changing
+            second = worker_process(**pool)
+            await eventually(
+                lambda: _exchange_type(rabbit, vhost), within=90, what="the switch",
+                done=lambda kind: kind == "fanout",
+            )
+            await eventually(
+                lambda: _processed(engine), within=60, what="everything applied",
+                done=lambda n: n >= model.state_changing,
+            )
+            assert await balances(engine) == model.balances()
+            assert await ledger_ids(engine) == {a: ids for a, ids in model.applied.items() if ids}
+            assert await reconcile(engine) == []
+        assert await amqp.ready_count(DEAD_LETTER_QUEUE) == 0
+    events = [e["event"] for e in second.events()]
+    assert events.count("lane_drained") == 4
+    # The killed worker's markers were still queued: skipped, never taken for ours.
+    assert "drain_marker_stale" in events
+    assert "routing_switched" in events
+
+
+async def _processed(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int(
+            (await conn.execute(select(func.count()).select_from(processed_commands))).scalar_one()
+        )
+
+
+@sqlite_only
+async def test_a_switch_cut_short_after_every_lane_drained_is_completed_by_the_next_worker(
+    worker_settings: Settings, amqp_url: str, engine: AsyncEngine, rabbit: RabbitAdmin,
+    vhost: str,
+) -> None:
+    # The state a crash leaves between recording the last drain and switching:
+    # every lane drained, the legacy exchange still there.
+    await _declare_legacy(amqp_url, worker_settings.partitions, worker_settings.delivery_limit)
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(routing_drains),
+            [{"partition": p, "worker_id": "gone", "drained_at": 0.0}
+             for p in range(worker_settings.partitions)],
+        )
+    async with running(Worker(worker_settings)), BudgetClient.connect(amqp_url, timeout=20) as sdk:
+        await eventually(
+            lambda: _exchange_type(rabbit, vhost), within=30, what="the switch",
+            done=lambda kind: kind == "fanout",
+        )
+        await sdk.register_agent("after-the-switch")
+        assert await sdk.allocate("after-the-switch", 5) == BudgetView(
+            agent_id="after-the-switch", allocated_tokens=5, used_tokens=0, reserved_tokens=0,
+            available_tokens=5,
+        )

@@ -111,9 +111,21 @@ async def _run(config: BenchConfig, sections: list[str]) -> int:
         return value
 
     if "do_nothing" in sections:
-        results["do_nothing"] = await step("do-nothing consumer", lambda: do_nothing(config, admin))
+        results["do_nothing"] = {}
+        for processes in (1, 2):
+            value = await step(
+                f"do-nothing consumer, {processes} process(es)",
+                functools.partial(do_nothing, config, admin, processes),
+            )
+            if value is not None:
+                results["do_nothing"][str(processes)] = value
     if "naive" in sections:
-        results["naive"] = await step("naive worker", lambda: naive(config, admin))
+        results["naive"] = {}
+        for kind in ("sqlite", "postgresql"):
+            run = functools.partial(naive, config, admin, kind)
+            value = await step(f"naive worker, {kind}", run)
+            if value is not None:
+                results["naive"][kind] = value
     if "worker" in sections:
         results["worker"] = {}
         for kind in ("sqlite", "postgresql"):

@@ -28,8 +28,6 @@ class BenchConfig:
     prefetch: int
     batch_max: int
     delivery_limit: int
-    #: Prefetch of the naive worker: it takes one message per lane at a time.
-    naive_prefetch: int
     out: Path
     quick: bool
 
@@ -46,7 +44,6 @@ class BenchConfig:
             prefetch=settings.prefetch,
             batch_max=settings.batch_max,
             delivery_limit=settings.delivery_limit,
-            naive_prefetch=1,
             out=out,
             quick=quick,
         )

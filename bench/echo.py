@@ -1,10 +1,13 @@
-"""The RPC baseline: a tiny aio-pika echo server in its own process.
+"""The RPC baseline: an aio-pika echo server in a process of its own.
 
-``python -m bench.echo AMQP_URL QUEUE`` consumes a classic queue and answers
-every request on its ``reply_to`` with the same body and correlation_id, then
-acknowledges it. It prints ``ready`` once consuming and stops on SIGTERM.
-Like the worker it runs in a process of its own, so the RPC comparison is
-process to process.
+``python -m bench.echo AMQP_URL PARTITIONS`` declares the same path a
+``get_budget`` takes: a fanout front exchange, an internal ``x-modulus-hash``
+exchange, and PARTITIONS quorum queues with single-active-consumer, all with
+the worker's own queue arguments (``bench.echo.*`` names). It consumes every
+queue, answers each request on its ``reply_to`` with the same body and
+correlation_id, then acknowledges it. It prints ``ready`` once consuming and
+stops on SIGTERM. So the comparison is process to process and queue type to
+queue type: what the worker adds on top is the worker.
 """
 
 import asyncio
@@ -14,32 +17,48 @@ import sys
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-__all__ = ["serve"]
+from schemas import LANES_EXCHANGE_TYPE
+from worker.topology import lane_arguments
+
+__all__ = ["ECHO_EXCHANGE", "serve"]
+
+ECHO_EXCHANGE = "bench.echo.commands"
 
 
-async def serve(amqp_url: str, queue_name: str) -> None:
+async def serve(amqp_url: str, partitions: int) -> None:
     connection = await aio_pika.connect(amqp_url)
     try:
-        channel = await connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=64)
-        queue = await channel.declare_queue(queue_name, durable=False, auto_delete=True)
-        exchange = channel.default_exchange
+        setup = await connection.channel(publisher_confirms=False)
+        router = await setup.declare_exchange(
+            "bench.echo.lanes", LANES_EXCHANGE_TYPE, durable=True, internal=True
+        )
+        names = [f"bench.echo.lane.{index:03d}" for index in range(partitions)]
+        for name in names:
+            queue = await setup.declare_queue(name, durable=True, arguments=lane_arguments(20))
+            await queue.bind(router, routing_key="")
+        front = await setup.declare_exchange(ECHO_EXCHANGE, "fanout", durable=True)
+        await router.bind(front, routing_key="")
+        for name in names:
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=64)
+            exchange = channel.default_exchange
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            if message.reply_to:
-                reply = aio_pika.Message(
-                    message.body,
-                    content_type=message.content_type,
-                    correlation_id=message.correlation_id,
-                    delivery_mode=DeliveryMode.NOT_PERSISTENT,
-                )
-                # Not mandatory: on this non-confirming channel RabbitMQ 3.10
-                # answered every mandatory publish to a direct reply-to address
-                # with a NO_ROUTE return although it delivered it (seen here).
-                await exchange.publish(reply, routing_key=message.reply_to, mandatory=False)
-            await message.ack()
+            async def on_message(
+                message: AbstractIncomingMessage, exchange: aio_pika.abc.AbstractExchange = exchange
+            ) -> None:
+                if message.reply_to:
+                    reply = aio_pika.Message(
+                        message.body,
+                        content_type=message.content_type,
+                        correlation_id=message.correlation_id,
+                        delivery_mode=DeliveryMode.NOT_PERSISTENT,
+                    )
+                    # Not mandatory, as the worker's replies.
+                    await exchange.publish(reply, routing_key=message.reply_to, mandatory=False)
+                await message.ack()
 
-        await queue.consume(on_message)
+            queue = await channel.get_queue(name, ensure=False)
+            await queue.consume(on_message)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -51,4 +70,4 @@ async def serve(amqp_url: str, queue_name: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], sys.argv[2]))
+    asyncio.run(serve(sys.argv[1], int(sys.argv[2])))

@@ -35,21 +35,36 @@ def _ratio(top: Any, bottom: Any) -> float | None:
     return round(float(top) / float(bottom), 3)
 
 
+def _baseline(results: dict[str, Any], section: str, key: str) -> dict[str, Any]:
+    found = results.get(section, {}).get(key)
+    return found if isinstance(found, dict) else {}
+
+
 def ratios(results: dict[str, Any]) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
-    """Every ratio the run can compute, and the targets with met / below."""
+    """Every ratio the run can compute, and the targets with met / below.
+
+    Like with like: a worker row is divided by the do-nothing consumer run in
+    as many processes, and by the naive worker on the same database.
+    """
     out: dict[str, float | None] = {}
-    limit = results.get("do_nothing", {}).get("msgs_per_s")
-    naive = results.get("naive", {}).get("msgs_per_s")
-    limit_cpu = results.get("do_nothing", {}).get("cpu_us_per_msg")
     for key, _ in _WORKER_ROWS:
-        rate = results.get("worker", {}).get(key, {}).get("msgs_per_s")
-        out[f"worker_{key}_vs_do_nothing"] = _ratio(rate, limit)
-        out[f"worker_{key}_vs_naive"] = _ratio(rate, naive)
+        kind, processes = key.rsplit("_", 1)
+        limit = _baseline(results, "do_nothing", processes)
+        naive = _baseline(results, "naive", kind)
+        worker = results.get("worker", {}).get(key, {})
+        rate = worker.get("msgs_per_s")
+        out[f"worker_{key}_vs_do_nothing"] = _ratio(rate, limit.get("msgs_per_s"))
+        out[f"worker_{key}_vs_naive"] = _ratio(rate, naive.get("msgs_per_s"))
         # CPU per command against the do-nothing consumer's: the least
         # sensitive to other work on the machine (the broker's CPU is not in it).
-        cpu = results.get("worker", {}).get(key, {}).get("cpu_us_per_msg")
-        out[f"worker_{key}_cpu_vs_do_nothing_cpu"] = _ratio(cpu, limit_cpu)
-    out["naive_vs_do_nothing"] = _ratio(naive, limit)
+        out[f"worker_{key}_cpu_vs_do_nothing_cpu"] = _ratio(
+            worker.get("cpu_us_per_msg"), limit.get("cpu_us_per_msg")
+        )
+    for kind in ("sqlite", "postgresql"):
+        out[f"naive_{kind}_vs_do_nothing_1"] = _ratio(
+            _baseline(results, "naive", kind).get("msgs_per_s"),
+            _baseline(results, "do_nothing", "1").get("msgs_per_s"),
+        )
     rpc = results.get("rpc", {})
     for phase in ("idle", "drain"):
         for stat in ("p50", "p99"):
@@ -98,25 +113,25 @@ def format_table(results: dict[str, Any]) -> str:
     head = f"{'':38}{'seconds':>9}{'msg/s':>9}{'x limit':>9}{'x naive':>9}{'CPU us/msg':>12}  notes"
     lines += [head, "-" * len(head)]
     rows: list[tuple[str, dict[str, Any], Any, Any, str]] = []
-    if "do_nothing" in results:
-        d = results["do_nothing"]
+    for processes, d in sorted(results.get("do_nothing", {}).items()):
         rows.append(
             (
-                "do-nothing consumer (the limit)",
+                f"do-nothing consumer, {processes} process(es)",
                 d,
                 1.0,
                 None,
-                f"publish {_f(d.get('publish_msgs_per_s'))}/s",
+                f"the limit for {processes}-process rows; publish "
+                f"{_f(d.get('publish_msgs_per_s'))}/s",
             )
         )
-    if "naive" in results:
+    for kind, n in sorted(results.get("naive", {}).items()):
         rows.append(
             (
-                "naive worker (1 tx + 1 ack per msg)",
-                results["naive"],
-                r.get("naive_vs_do_nothing"),
+                f"naive worker, {kind}",
+                n,
+                r.get(f"naive_{kind}_vs_do_nothing_1"),
                 1.0,
-                f"prefetch {results['naive'].get('prefetch')}, SQLite FULL",
+                f"1 tx + 1 ack per msg, prefetch {n.get('prefetch')}",
             )
         )
     for key, label in _WORKER_ROWS:
@@ -131,6 +146,9 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append(
             (label, w, r.get(f"worker_{key}_vs_do_nothing"), r.get(f"worker_{key}_vs_naive"), note)
         )
+    # Which clock: "seconds" is from the first lane's start to the last batch,
+    # by the processes' own log timestamps (the baselines: from the first
+    # consumer ready to the last acknowledgement); "wall" from spawn to done.
     for label, data, x_limit, x_naive, note in rows:
         if data.get("loadavg"):
             note += f"; load {data['loadavg'][0]:.1f}"
@@ -143,7 +161,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"{'RPC latency (sequential calls)':38}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}"
-            f"{'max ms':>10}{'lost':>6}",
+            f"{'max ms':>10}",
             "-" * 72,
         ]
         for key, label in (
@@ -155,9 +173,9 @@ def format_table(results: dict[str, Any]) -> str:
             s = rpc.get(key, {})
             lines.append(
                 f"{label:38}{s.get('n', 0):>6}{_f(s.get('p50_ms')):>9}"
-                f"{_f(s.get('p99_ms')):>9}{_f(s.get('max_ms')):>10}{s.get('lost', 0):>6}"
+                f"{_f(s.get('p99_ms')):>9}{_f(s.get('max_ms')):>10}"
             )
-        lines.append(f"  ({rpc.get('note')})")
+        lines.append(f"  ({rpc.get('note')}; p99 only from 300 samples on)")
     if "rss" in results:
         lines += [
             "",
@@ -194,10 +212,12 @@ def write_chart(results: dict[str, Any], path: Path) -> str | None:
         return "matplotlib is not installed (pip install -e '.[bench]'): no chart written"
     figure, (drains, latency, memory) = plt.subplots(1, 3, figsize=(16, 5.5))
     labels, rates = [], []
-    for key, label in [("do_nothing", "do-nothing"), ("naive", "naive")]:
-        if key in results:
-            labels.append(label)
-            rates.append(results[key].get("msgs_per_s") or 0)
+    for processes, d in sorted(results.get("do_nothing", {}).items()):
+        labels.append(f"do-nothing {processes}p")
+        rates.append(d.get("msgs_per_s") or 0)
+    for kind, n in sorted(results.get("naive", {}).items()):
+        labels.append(f"naive {kind}")
+        rates.append(n.get("msgs_per_s") or 0)
     for key, _ in _WORKER_ROWS:
         if key in results.get("worker", {}):
             labels.append(f"worker {_SHORT[key]}")

@@ -20,8 +20,7 @@ from .workers import Prepared, drain, prepare
 
 __all__ = ["rpc_latency", "rss", "worker_drain"]
 
-_ECHO_QUEUE = "bench.echo"
-#: Seconds to wait for a reply before counting it lost: idle, and behind a backlog.
+#: Seconds to wait for a reply; a reply that does not come fails the run.
 _IDLE_WAIT = 10.0
 _DRAIN_WAIT = 120.0
 
@@ -66,19 +65,21 @@ async def rss(config: BenchConfig, admin: RabbitAdmin) -> dict[str, Any]:
     }
 
 
-def _spawn_echo(amqp_url: str, log_path: Path) -> "subprocess.Popen[bytes]":
+def _spawn_echo(amqp_url: str, partitions: int, log_path: Path) -> "subprocess.Popen[bytes]":
     # Its stderr goes to a file: a pipe nobody reads fills up and blocks it.
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "bench.echo", amqp_url, _ECHO_QUEUE],
+            [sys.executable, "-m", "bench.echo", amqp_url, str(partitions)],
             stdout=subprocess.PIPE,
             stderr=log,
         )
 
 
-async def _start_echo(stack: contextlib.AsyncExitStack, amqp_url: str, workdir: Path) -> None:
+async def _start_echo(
+    stack: contextlib.AsyncExitStack, amqp_url: str, partitions: int, workdir: Path
+) -> None:
     log_path = workdir / "echo.log"
-    proc = _spawn_echo(amqp_url, log_path)
+    proc = _spawn_echo(amqp_url, partitions, log_path)
 
     async def stop() -> None:
         if proc.poll() is None:
@@ -100,20 +101,21 @@ async def _start_echo(stack: contextlib.AsyncExitStack, amqp_url: str, workdir: 
 
 
 class _Samples:
-    """Latencies of one kind of call, and the calls whose reply never came."""
+    """Latencies of one kind of call. A reply that never comes fails the run:
+    leaving it out would make the percentiles look better than they are."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
+        self.what = what
         self.latencies: list[float] = []
-        self.lost = 0
 
     async def take(self, call: Callable[[], Awaitable[float]]) -> None:
         try:
             self.latencies.append(await call())
         except TimeoutError:
-            self.lost += 1
+            raise RuntimeError(f"{self.what}: a call got no reply in time") from None
 
     def summary(self) -> dict[str, Any]:
-        return {**latency_summary(self.latencies), "lost": self.lost}
+        return latency_summary(self.latencies)
 
 
 async def _until(drained: asyncio.Event, samples: _Samples, call: Any) -> None:
@@ -129,17 +131,17 @@ async def rpc_latency(config: BenchConfig, admin: RabbitAdmin) -> dict[str, Any]
         prepared, worker = await prepare(
             stack, admin, config, "sqlite", "rpc", agent_names(config.agents) + callers
         )
-        await _start_echo(stack, prepared.amqp_url, prepared.workdir)
+        await _start_echo(stack, prepared.amqp_url, config.partitions, prepared.workdir)
         client = await RpcClient.open(prepared.amqp_url)
         stack.push_async_callback(client.close)
         # Warm up both paths (connections, statement caches), then interleave
         # the calls so that both sides see the same machine noise.
         for _ in range(20):
-            await client.echo(_ECHO_QUEUE, within=_IDLE_WAIT)
+            await client.echo(callers[0], within=_IDLE_WAIT)
             await client.get_budget(callers[0], within=_IDLE_WAIT)
-        echo_idle, worker_idle = _Samples(), _Samples()
+        echo_idle, worker_idle = _Samples("echo, idle"), _Samples("get_budget, idle")
         for _ in range(config.rpc_calls):
-            await echo_idle.take(lambda: client.echo(_ECHO_QUEUE, within=_IDLE_WAIT))
+            await echo_idle.take(lambda: client.echo(callers[0], within=_IDLE_WAIT))
             await worker_idle.take(lambda: client.get_budget(callers[0], within=_IDLE_WAIT))
         await worker.stop()
         result = await _drain_with_rpc(prepared, client, callers)
@@ -162,13 +164,13 @@ async def _drain_with_rpc(
     prepared: Prepared, client: RpcClient, callers: list[str]
 ) -> dict[str, Any]:
     async def during(drained: asyncio.Event) -> dict[str, _Samples]:
-        worker, echo = _Samples(), _Samples()
+        worker, echo = _Samples("get_budget, draining"), _Samples("echo, draining")
         await asyncio.gather(
             *(
                 _until(drained, worker, lambda a=agent: client.get_budget(a, within=_DRAIN_WAIT))
                 for agent in callers
             ),
-            _until(drained, echo, lambda: client.echo(_ECHO_QUEUE, within=_DRAIN_WAIT)),
+            _until(drained, echo, lambda: client.echo(callers[0], within=_DRAIN_WAIT)),
         )
         return {"worker": worker, "echo": echo}
 

@@ -19,8 +19,11 @@ from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 from schemas import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
 from worker.topology import TopologySpec, declare_topology
 
+from .echo import ECHO_EXCHANGE
+
 __all__ = [
     "ALLOCATION",
+    "MIN_SAMPLES_P99",
     "RpcClient",
     "Wire",
     "agent_names",
@@ -166,8 +169,11 @@ class RpcClient:
             raise RuntimeError(f"get_budget({agent}) failed: {reply[:300]!r}")
         return latency
 
-    async def echo(self, queue: str, *, within: float = 120.0) -> float:
-        latency, _ = await self.call("", queue, _body(type="echo"), within=within)
+    async def echo(self, agent: str, *, within: float = 120.0) -> float:
+        """Latency of one request to the echo server, routed like a get_budget."""
+        latency, _ = await self.call(
+            ECHO_EXCHANGE, agent, _body(type="get_budget", agent_id=agent), within=within
+        )
         return latency
 
 
@@ -178,14 +184,19 @@ def _percentile(ordered: list[float], fraction: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+#: Fewer samples than this make "p99" the maximum of a handful: not reported.
+MIN_SAMPLES_P99 = 300
+
+
 def latency_summary(samples: list[float]) -> dict[str, Any]:
-    """p50/p99/max in milliseconds over ``samples`` (seconds)."""
+    """p50/p99/max in milliseconds over ``samples`` (seconds); p99 needs 300."""
     if not samples:
         return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
     ordered = sorted(samples)
+    p99 = _percentile(ordered, 0.99) if len(ordered) >= MIN_SAMPLES_P99 else None
     return {
         "n": len(ordered),
         "p50_ms": round(_percentile(ordered, 0.50) * 1000, 3),
-        "p99_ms": round(_percentile(ordered, 0.99) * 1000, 3),
+        "p99_ms": None if p99 is None else round(p99 * 1000, 3),
         "max_ms": round(ordered[-1] * 1000, 3),
     }

@@ -4,9 +4,11 @@
 SQLite and PostgreSQL.
 """
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,6 +24,13 @@ from worker.migrate import upgrade
 from worker.settings import LogFormat, Settings
 
 configure_logging("info", LogFormat.CONSOLE)
+
+# CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) derandomizes: the same examples on
+# every run, so a failure cannot pass on a lucky rerun. At a desk, examples are
+# random and failures are kept in .hypothesis/ to be replayed first.
+hypothesis.settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+hypothesis.settings.register_profile("dev", deadline=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(scope="session")

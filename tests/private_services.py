@@ -211,8 +211,10 @@ class PrivatePostgres:
         self._pg_ctl("-o", options, "-l", str(self.dir / "log"), "-w", "start")
         return self
 
-    def stop(self) -> None:
-        self._pg_ctl("-m", "fast", "-w", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: a clean shutdown. ``immediate``: a crash, as if the server died
+        (no checkpoint; the next start replays the WAL)."""
+        self._pg_ctl("-m", mode, "-w", "stop")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # already stopped

@@ -67,9 +67,9 @@ class WorkerProcess:
     def wait_ready(self, timeout: float = 30.0) -> None:
         self.wait_for_event("worker_ready", timeout)
 
-    async def ready(self, timeout: float = 60.0) -> None:
+    async def ready(self, within: float = 60.0) -> None:
         """``wait_ready`` without blocking the event loop."""
-        await asyncio.to_thread(self.wait_for_event, "worker_ready", timeout)
+        await asyncio.to_thread(self.wait_for_event, "worker_ready", within)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

@@ -34,8 +34,12 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     for name, drain in results["worker"].items():
         assert sum(p["commands"] for p in drain["per_process"]) == n, name
         assert drain["msgs_per_s"] > 0, name
-    assert results["naive"]["refused"] == 0
-    assert results["do_nothing"]["msgs_per_s"] > 0
+    # Like with like: a baseline for every process count and every database.
+    assert set(results["do_nothing"]) == {"1", "2"}
+    assert set(results["naive"]) == {"sqlite", "postgresql"}
+    assert all(n["refused"] == 0 for n in results["naive"].values())
+    assert all(d["msgs_per_s"] > 0 for d in results["do_nothing"].values())
+    assert results["ratios"]["worker_postgresql_2_vs_do_nothing"] is not None
     assert results["rpc"]["worker_idle"]["n"] == results["config"]["rpc_calls"]
     assert results["rpc"]["echo_idle"]["p99_ms"] is not None
     assert all(p["vmhwm_kib"] > 0 for p in results["rss"]["points"].values())

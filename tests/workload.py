@@ -20,12 +20,13 @@ class Step:
     def message_id(self) -> str:
         return f"{self.agent}-{self.seq:05d}"
 
-    def outgoing(self, reply_to: str | None = None) -> Outgoing:
+    def outgoing(self, reply_to: str | None = None, *, every: bool = False) -> Outgoing:
+        """The command; with ``reply_to`` for queries, or for all with ``every``."""
         return Outgoing(
             command(self.type, self.agent, self.tokens),
             routing_key=self.agent,
             message_id=self.message_id,
-            reply_to=reply_to if self.type.startswith("get_") else None,
+            reply_to=reply_to if every or self.type.startswith("get_") else None,
             correlation_id=self.message_id,
         )
 

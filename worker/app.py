@@ -69,6 +69,8 @@ class Worker:
         #: The lanes it runs, by partition (for tests and health).
         self.lanes: dict[int, Lane] = {}
         self.upgrade: RoutingUpgrade | None = None
+        #: Broker connections opened so far: 1 while it never reconnected.
+        self.connections = 0
         self._pool_stop: Callable[[], None] | None = None
         self._stop = asyncio.Event()
         self._log = get_logger(worker=self.name)
@@ -134,6 +136,7 @@ class Worker:
 
     async def _serve(self, service: GroupCommitter) -> None:
         connection = await connect_amqp(self.settings, name=self.name)
+        self.connections += 1
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         lanes: dict[int, tuple[Lane, asyncio.Task[None]]] = {}

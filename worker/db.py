@@ -36,7 +36,12 @@ def is_sqlite(url: str) -> bool:
 
 
 def create_engine(
-    url: str, *, pool_size: int = 5, echo: bool = False, application_name: str = "budget-worker"
+    url: str,
+    *,
+    pool_size: int = 5,
+    echo: bool = False,
+    application_name: str = "budget-worker",
+    pool_timeout: float = 30.0,
 ) -> AsyncEngine:
     """An engine whose commits are durable before they return.
 
@@ -62,6 +67,7 @@ def create_engine(
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
+        pool_timeout=pool_timeout,
         pool_pre_ping=True,
         connect_args={
             "server_settings": {

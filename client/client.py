@@ -291,8 +291,10 @@ class BudgetClient(ReservationCommands):
                     with contextlib.suppress(Exception):
                         await dead.close()
                 self._connection = await self._open_connection()
+            connection = self._connection
+            assert connection is not None  # opened just above, or found open
             try:
-                await self._open_channels(self._connection)
+                await self._open_channels(connection)
             except _CHANNEL_LOST as error:
                 # The connection died under us (a broker restart): start
                 # afresh on the next call rather than reuse its corpse.

@@ -1,5 +1,7 @@
 """Run the Alembic migrations, safely when several workers start at once."""
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,10 @@ __all__ = ["current_revision", "head_revision", "upgrade"]
 _SCRIPTS = Path(__file__).parent / "migrations"
 #: Any fixed number: the key of the PostgreSQL advisory lock migrations hold.
 _PG_LOCK_KEY = 0x42554447
+#: Alembic keeps its migration context in module globals (``alembic.context``,
+#: ``alembic.op``): two upgrades interleaved in one process, as greenlets of
+#: one event loop or threads, would run each other's steps. One at a time.
+_IN_PROCESS = threading.Lock()
 
 
 def _config() -> Config:
@@ -33,10 +39,19 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     SQLite: the engine begins with ``BEGIN IMMEDIATE``, so a second process
     waits and then finds the schema current. PostgreSQL: an advisory lock.
     """
-    async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
-        await conn.run_sync(_upgrade, revision)
+    # Polled, not waited on: blocking the loop would block the holder too,
+    # and a cancelled wait must not take the lock after its caller has gone.
+    while not _IN_PROCESS.acquire(blocking=False):  # noqa: ASYNC110 (a thread lock has no Event)
+        await asyncio.sleep(0.05)
+    try:
+        async with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY}
+                )
+            await conn.run_sync(_upgrade, revision)
+    finally:
+        _IN_PROCESS.release()
 
 
 def _upgrade(connection: Any, revision: str) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
+from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.connection import CONNECTION_ERRORS
@@ -39,9 +40,14 @@ from .topology import (
 from .upgrade import RoutingUpgrade
 from .urls import redact_url
 
-__all__ = ["Worker", "connect_amqp"]
+__all__ = ["BrokerRefused", "Worker", "connect_amqp"]
 
 _BROKER_LOST: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aio_pika.exceptions.AMQPError)
+
+
+class BrokerRefused(Exception):
+    """The broker refused the worker's login at start: configuration, not an
+    outage, so the worker exits (code 1) instead of retrying for ever."""
 
 
 async def connect_amqp(settings: Settings, *, name: str) -> AbstractConnection:
@@ -124,6 +130,15 @@ class Worker:
                 except TopologyError:
                     raise
                 except _BROKER_LOST as e:
+                    if isinstance(e, ProbableAuthenticationError) and not self.connections:
+                        # Never logged in: the URL's user or password is wrong.
+                        # Later (a password changed under a running pool) it
+                        # is retried like an outage, keeping the lanes' order.
+                        raise BrokerRefused(
+                            f"the broker refused the login "
+                            f"({redact_url(settings.amqp_url.get_secret_value())}): {e}: "
+                            "check the user and password in BUDGET_AMQP_URL"
+                        ) from None
                     delay = backoff.next()
                     self._log.warning("broker_unavailable", error=repr(e), retry_in_s=delay)
                     await pause(delay, self._stop)

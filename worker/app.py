@@ -21,9 +21,10 @@ from .background import Background
 from .backoff import Backoff, pause
 from .committer import GroupCommitter
 from .db import create_engine, retry_while_transient
+from .heartbeat import Tally
 from .lane import Lane, LaneConfig
 from .leases import LeaseStore, recorded_partitions, session_name
-from .logging import get_logger
+from .logging import get_logger, renders_json
 from .migrate import upgrade
 from .outcomes import Fence
 from .pool import Pool
@@ -82,6 +83,8 @@ class Worker:
         self._log = get_logger(worker=self.name)
         self._engine: AsyncEngine | None = None
         self._budget: BudgetService | None = None
+        #: Commands settled since the last heartbeat line, counted by the lanes.
+        self._tally = Tally()
 
     def stop(self) -> None:
         """Finish the batches in hand, return the rest, leave the pool."""
@@ -211,7 +214,12 @@ class Worker:
 
             assert self._budget is not None
             background = Background.start(
-                self._budget, connection, self.settings, lambda: set(running()), self._log
+                self._budget,
+                connection,
+                self.settings,
+                lambda: set(running()),
+                self._log,
+                tally=self._tally,
             )
             pool = Pool(
                 self._lease_store(),
@@ -274,7 +282,11 @@ class Worker:
             max_body_bytes=self.settings.max_body_bytes,
             retry_max_seconds=self.settings.retry_max_seconds,
             retry_initial_seconds=self.settings.retry_initial_seconds,
-            log_ops=self.settings.log_level.lower() in ("debug", "info"),
+            # The exact per-command record is for machines (JSON) or debugging;
+            # a person reading a terminal gets the batch's summary.
+            log_ops=renders_json(self.settings.log_format)
+            or self.settings.log_level.lower() == "debug",
+            tally=self._tally,
             auth=AuthPolicy.from_settings(self.settings),
             lanes=LaneMap(self.topology.partitions),
         )

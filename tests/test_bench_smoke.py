@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.config import BenchConfig
+
 _ROOT = Path(__file__).resolve().parent.parent
 
 SECTIONS = ("do_nothing", "naive", "worker", "rpc", "rss")
@@ -43,4 +45,15 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     assert results["rpc"]["worker_idle"]["n"] == results["config"]["rpc_calls"]
     assert results["rpc"]["echo_idle"]["p99_ms"] is not None
     assert all(p["vmhwm_kib"] > 0 for p in results["rss"]["points"].values())
-    assert "Targets" in run.stdout
+    # Ratios only: the README states no speed target to fall below.
+    assert "Ratios measured in this run" in run.stdout
+    assert "TARGET" not in run.stdout.upper()
+    assert "targets" not in results
+
+
+def test_a_quick_run_writes_beside_the_committed_results_never_over_them() -> None:
+    quick = BenchConfig.make(n=None, quick=True, out=None)
+    full = BenchConfig.make(n=None, quick=False, out=None)
+    assert full.out == _ROOT / "bench" / "results"
+    assert quick.out == _ROOT / "bench" / "results" / "quick"
+    assert "/bench/results/quick/" in (_ROOT / ".gitignore").read_text().splitlines()

@@ -18,14 +18,17 @@ WORKDIR /src
 COPY . .
 RUN pip install .
 
-# The working directory is the user's own: the default SQLite URL
-# (./budget.db) then works for a single container without PostgreSQL.
+# SQLite in the user's own directory, named explicitly, for a single
+# container without PostgreSQL (compose sets a PostgreSQL URL instead).
 WORKDIR /data
 USER budget
+ENV BUDGET_DATABASE_URL=sqlite+aiosqlite:////data/budget.db
 
 # The worker's own probe of its broker and database (`budget-worker --check`).
+# Docker reserves exit code 2, which --check uses for "unreachable": any
+# failure is reported to Docker as 1 (unhealthy).
 HEALTHCHECK --interval=30s --timeout=15s --start-period=30s --retries=3 \
-    CMD ["budget-worker", "--check"]
+    CMD ["sh", "-c", "budget-worker --check || exit 1"]
 
 # `docker stop` sends SIGTERM: allow the worker time to finish the batch in
 # hand (`docker stop --time`, compose's stop_grace_period).

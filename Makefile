@@ -58,6 +58,9 @@ check: $(STAMP)
 	$(BIN)/budget-worker --check
 
 compose-check:
+	@command -v $(firstword $(COMPOSE)) >/dev/null 2>&1 || { echo "make compose-check: \
+	'$(firstword $(COMPOSE))' not found: install docker-compose (Debian: apt-get install \
+	docker-compose) or the docker compose plugin" >&2; exit 1; }
 	$(COMPOSE) config -q
 
 bench: $(STAMP)

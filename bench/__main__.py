@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import do_nothing, naive
-from .config import DEFAULT_OUT, BenchConfig
+from .config import DEFAULT_OUT, QUICK_OUT, BenchConfig
 from .infra import RabbitAdmin, machine_info, versions
 from .report import format_table, ratios, write_chart, write_json
 from .scenarios import rpc_latency, rss, worker_drain
@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        default=DEFAULT_OUT,
-        help=f"directory for bench.json and bench.png (default {DEFAULT_OUT})",
+        default=None,
+        help=f"directory for bench.json and bench.png (default {DEFAULT_OUT}; "
+        f"with --quick {QUICK_OUT}, so a smoke run never overwrites the committed results)",
     )
     parser.add_argument(
         "--only",
@@ -141,7 +142,7 @@ async def _run(config: BenchConfig, sections: list[str]) -> int:
     if "rss" in sections:
         results["rss"] = await step("peak RSS", lambda: rss(config, admin))
     results = {key: value for key, value in results.items() if value is not None}
-    results["ratios"], results["targets"] = ratios(results)
+    results["ratios"] = ratios(results)
     results["errors"] = errors
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(format_table(results))

@@ -6,9 +6,12 @@ from typing import Any
 
 from worker.settings import Settings
 
-__all__ = ["DEFAULT_OUT", "BenchConfig"]
+__all__ = ["DEFAULT_OUT", "QUICK_OUT", "BenchConfig"]
 
+#: The committed results of a full run.
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: A smoke run's (gitignored): it never overwrites the committed results.
+QUICK_OUT = DEFAULT_OUT / "quick"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +35,7 @@ class BenchConfig:
     quick: bool
 
     @classmethod
-    def make(cls, *, n: int | None, quick: bool, out: Path) -> "BenchConfig":
+    def make(cls, *, n: int | None, quick: bool, out: Path | None) -> "BenchConfig":
         settings = Settings()
         return cls(
             n=n if n is not None else (500 if quick else 20_000),
@@ -44,7 +47,7 @@ class BenchConfig:
             prefetch=settings.prefetch,
             batch_max=settings.batch_max,
             delivery_limit=settings.delivery_limit,
-            out=out,
+            out=out if out is not None else (QUICK_OUT if quick else DEFAULT_OUT),
             quick=quick,
         )
 

@@ -62,9 +62,9 @@ from .errors import (
     InvalidReply,
     NotDelivered,
     ReplyLost,
-    RequestTimeout,
     refusal_from_wire,
 )
+from .probe import lane_consumers, timeout_error
 from .reservations import ReservationCommands
 
 __all__ = ["BudgetClient", "ReplyQueue", "new_message_id"]
@@ -234,13 +234,15 @@ class BudgetClient(ReservationCommands):
                 await self._publish(command, message_id, correlation_id=correlation_id)
                 return await future
         except TimeoutError:
-            raise RequestTimeout(
-                f"no reply to {command.command_type.value} for {command.agent_id!r} "
-                f"(message_id {message_id}) within {limit}s; it may or may not have been "
-                "applied: retry with the same message_id"
-            ) from None
+            raise await timeout_error(self._connection, command, message_id, limit) from None
         finally:
             self._forget(correlation_id)
+
+    async def lane_consumers(self) -> int:
+        """Workers consuming the first lane: 0 means no request will be answered now."""
+        await self._ready()
+        assert self._connection is not None
+        return await lane_consumers(self._connection)
 
     # -- broker plumbing ----------------------------------------------------
 

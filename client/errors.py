@@ -24,6 +24,7 @@ __all__ = [
     "InsufficientBudgetError",
     "InvalidCommandError",
     "InvalidReply",
+    "NoWorker",
     "NotDelivered",
     "ReplyLost",
     "RequestTimeout",
@@ -140,6 +141,14 @@ class ReplyLost(RequestTimeout):
     Same meaning and same remedy as a timeout, without waiting for it."""
 
     code = "reply_lost"
+
+
+class NoWorker(RequestTimeout):
+    """No worker consumes the lanes, so nobody will answer now. A state change
+    already published waits in its lane for a worker; retry it with the same
+    message_id once one runs."""
+
+    code = "no_worker"
 
 
 class NotDelivered(BudgetClientError):

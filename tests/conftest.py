@@ -35,7 +35,12 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 @pytest.fixture(scope="session")
 def rabbit() -> RabbitAdmin:
-    return RabbitAdmin()
+    """The management API, checked once: without it no test can make its vhost."""
+    admin = RabbitAdmin()
+    problem = admin.missing_prerequisites()
+    if problem is not None:
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+    return admin
 
 
 @pytest.fixture

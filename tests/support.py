@@ -62,6 +62,29 @@ class RabbitAdmin:
             raw = response.read()
         return json.loads(raw) if raw else None
 
+    def missing_prerequisites(self) -> str | None:
+        """Why the broker cannot run the tests, with the command that fixes it; or None."""
+        enable = (
+            "rabbitmq-plugins enable rabbitmq_management rabbitmq_sharding "
+            "rabbitmq_consistent_hash_exchange"
+        )
+        try:
+            overview = self.call("GET", "/overview")
+        except urllib.error.HTTPError as error:
+            return f"RabbitMQ's management API at {self.base} answered {error.code}: check " \
+                f"BUDGET_TEST_RABBIT_USER/BUDGET_TEST_RABBIT_PASSWORD"
+        except OSError as error:  # URLError: refused, unknown host, timeout
+            return (
+                f"RabbitMQ's management API at {self.base} is unreachable ({error}): the tests "
+                f"make their vhosts through it. Start RabbitMQ and run: {enable}"
+            )
+        types = {kind["name"] for kind in overview.get("exchange_types", [])}
+        # x-modulus-hash: the lanes; x-consistent-hash: the upgrade from it (test_routing.py).
+        missing = sorted({"x-modulus-hash", "x-consistent-hash"} - types)
+        if missing:
+            return f"RabbitMQ lacks the exchange types {', '.join(missing)}: run {enable}"
+        return None
+
     def create_vhost(self, name: str, user: str = RABBIT_USER) -> None:
         quoted = urllib.parse.quote(name, safe="")
         self.call("PUT", f"/vhosts/{quoted}", {})

@@ -17,13 +17,22 @@ from client import (
     ConflictError,
     InsufficientBudgetError,
     NotDelivered,
+    NoWorker,
     ReplyQueue,
     RequestTimeout,
     refusal_for,
     refusal_from_wire,
 )
 from client.errors import _BY_CODE
-from schemas import COMMANDS_EXCHANGE, BudgetView, ErrorBody, ErrorCode, GetBudget, OkReply
+from schemas import (
+    COMMANDS_EXCHANGE,
+    BudgetView,
+    ErrorBody,
+    ErrorCode,
+    GetBudget,
+    OkReply,
+    lane_queue_name,
+)
 from tests.inprocess import running
 from tests.support import funded, unique
 from worker.app import Worker
@@ -249,15 +258,49 @@ async def test_client_works_once_a_worker_starts_after_not_delivered(
 
 
 @pytest.mark.parametrize("reply_queue", REPLY_QUEUES)
-async def test_no_reply_in_time_raises_request_timeout_and_forgets_the_request(
+async def test_no_reply_with_nobody_on_the_lanes_raises_no_worker_and_forgets_the_request(
     amqp_url: str, reply_queue: ReplyQueue
 ) -> None:
     await _declare(amqp_url, lanes=True)  # lanes bound, nobody consuming
     async with BudgetClient.connect(amqp_url, timeout=20, reply_queue=reply_queue) as client:
-        with pytest.raises(RequestTimeout) as caught:
+        with pytest.raises(NoWorker) as caught:
             await client.request(GetBudget(type="get_budget", agent_id="agent-1"), timeout=0.3)
-        assert caught.value.code == "timeout"
+        assert isinstance(caught.value, RequestTimeout)  # what older callers catch
+        assert caught.value.code == "no_worker"
+        assert "no worker is consuming the lanes" in caught.value.message
+        assert "may or may not" not in caught.value.message  # a query changes nothing
         assert client.pending_requests == 0
+
+
+async def _ignore(_message: object) -> None:
+    """A consumer that takes deliveries and never answers."""
+
+
+async def test_an_unanswered_query_with_a_worker_on_the_lanes_is_a_plain_timeout(
+    amqp_url: str,
+) -> None:
+    await _declare(amqp_url, lanes=True)
+    silent = await aio_pika.connect(amqp_url)
+    try:
+        # A consumer that never answers, on every lane: a worker stuck or slow.
+        channel = await silent.channel()
+        for index in range(2):
+            queue = await channel.get_queue(lane_queue_name(index), ensure=False)
+            await queue.consume(_ignore)
+        async with BudgetClient.connect(amqp_url, timeout=20) as client:
+            with pytest.raises(RequestTimeout) as caught:
+                await client.request(GetBudget(type="get_budget", agent_id="agent-1"), timeout=0.3)
+    finally:
+        await silent.close()
+    assert caught.value.code == "timeout"
+    assert "may or may not" not in caught.value.message
+    assert "retry" in caught.value.message
+
+
+async def test_a_budget_client_counts_the_workers_on_the_lanes(
+    client: BudgetClient, amqp_url: str
+) -> None:
+    assert await client.lane_consumers() == 1
 
 
 async def test_retry_after_timeout_with_the_same_message_id_gets_the_outcome(

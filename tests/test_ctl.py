@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aio_pika
 import pytest
 from sqlalchemy import text
 
@@ -20,6 +21,8 @@ from schemas import BudgetView
 from tests.db_helpers import reader
 from tests.support import funded, unique
 from worker.app import Worker
+from worker.exitcodes import ExitCode
+from worker.topology import TopologySpec, declare_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,10 +37,10 @@ class Run:
 Ctl = Callable[..., Awaitable[Run]]
 
 
-async def run_ctl(*args: str, env: dict[str, str] | None = None) -> Run:
+async def run_ctl(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Run:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "worker.ctl", *args,
-        cwd=ROOT, env={**os.environ, **(env or {})},
+        cwd=cwd, env={**os.environ, **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -199,3 +202,106 @@ async def test_workers_shows_the_live_worker_and_its_partitions(
     (row,) = [json.loads(line) for line in run.out.splitlines()]
     assert row["worker_id"] == worker.worker_id
     assert (row["state"], row["partitions"]) == ("live", [0, 1, 2, 3])
+
+
+# Exit codes: 2 only for what may pass with time, so a script can retry on it.
+
+
+@pytest.mark.parametrize(
+    "args", [("consume", "agent-7", "abc"), ("show",), ("nosuchcommand",), ("list", "--limit", "0")]
+)
+async def test_a_usage_error_exits_64_not_2(args: tuple[str, ...]) -> None:
+    run = await run_ctl(*args)
+    assert run.code == ExitCode.USAGE == 64, run.err
+    assert "usage: budgetctl" in run.err and run.out == ""
+
+
+async def test_help_names_the_exit_codes() -> None:
+    run = await run_ctl("--help")
+    assert run.code == 0
+    assert "64 usage error" in run.out and "2 unreachable or no reply" in run.out
+
+
+async def _lanes_without_a_worker(amqp_url: str) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        await declare_topology(connection, TopologySpec(partitions=4, delivery_limit=20))
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("show", "agent-7"), ("register", "agent-7"), ("consume", "agent-7", "5", "--wait")],
+)
+@pytest.mark.parametrize("declared", [True, False], ids=["lanes-idle", "never-deployed"])
+async def test_with_no_worker_on_the_lanes_a_request_fails_at_once_with_2(
+    amqp_url: str, args: tuple[str, ...], declared: bool
+) -> None:
+    if declared:
+        await _lanes_without_a_worker(amqp_url)
+    # A timeout far beyond the subprocess's own bound: only the probe can answer in time.
+    run = await run_ctl(*args, "--timeout", "600", env={"BUDGET_AMQP_URL": amqp_url})
+    assert run.code == ExitCode.UNREACHABLE, run.err
+    assert "no worker is consuming the lanes: start one with `make run`" in run.err
+    assert "may or may not" not in run.err
+
+
+async def test_history_of_an_unknown_agent_exits_1_like_show(ctl: Ctl) -> None:
+    run = await ctl("history", "nosuchagent")
+    assert (run.code, run.out) == (ExitCode.REFUSED, ""), run.err
+    assert "agent_not_found" in run.err and "'nosuchagent'" in run.err
+
+
+async def test_history_of_an_agent_without_changes_exits_0(ctl: Ctl, client: BudgetClient) -> None:
+    agent = unique("agent")
+    await client.register_agent(agent)
+    run = await ctl("history", agent)
+    assert (run.code, run.out) == (0, ""), run.err
+
+
+async def test_workers_exits_2_when_no_worker_is_live(engine: object, database_url: str) -> None:
+    run = await run_ctl("workers", env={"BUDGET_DATABASE_URL": database_url})
+    assert run.code == ExitCode.UNREACHABLE, run.err
+    assert "no workers" in run.out
+    assert "no worker is live: start one with `make run`" in run.err
+
+
+# The default database is the user's, wherever budgetctl and the worker start.
+
+
+def _default_db_env(data_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "BUDGET_DATABASE_URL"}
+    return {**env, "XDG_DATA_HOME": str(data_home)}
+
+
+async def test_list_without_a_database_refuses_and_creates_nothing(tmp_path: Path) -> None:
+    data_home, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = await run_ctl("list", env=_default_db_env(data_home), cwd=elsewhere)
+    expected = data_home / "token-budget" / "budget.db"
+    assert run.code == ExitCode.UNREACHABLE
+    assert f"no database at {expected}: start the worker first" in run.err
+    assert "--database-url/BUDGET_DATABASE_URL" in run.err
+    assert not data_home.exists() and list(elsewhere.iterdir()) == []
+
+
+async def test_the_worker_and_budgetctl_share_the_default_database_from_any_directory(
+    tmp_path: Path,
+) -> None:
+    data_home = tmp_path / "data"
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    env = _default_db_env(data_home)
+    migrate = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "migrate", cwd=here, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(migrate.communicate(), 60)
+    assert migrate.returncode == 0, output.decode()
+    assert (data_home / "token-budget" / "budget.db").is_file()
+    run = await run_ctl("workers", "--json", env=env, cwd=there)
+    # The schema is there (no "no such table"): nobody is live yet.
+    assert (run.code, run.out) == (ExitCode.UNREACHABLE, ""), run.err
+    assert list(here.iterdir()) == list(there.iterdir()) == []

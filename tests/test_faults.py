@@ -275,7 +275,7 @@ async def test_database_outage_holds_commands_unanswered_and_resumes(
                 env={**worker.env}, stdout=asyncio.subprocess.PIPE,
             )
             out, _ = await check.communicate()
-            assert check.returncode == 1
+            assert check.returncode == 2  # unreachable (worker/exitcodes.py)
             assert "database: unreachable" in out.decode()
             delays = [
                 e["retry_in_s"] for e in worker.events() if e.get("event") == "storage_unavailable"

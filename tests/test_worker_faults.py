@@ -18,8 +18,10 @@ from tests.db_helpers import balances, ledger_ids, ledger_size, processed_ids, r
 from tests.eventually import eventually
 from tests.inprocess import running
 from tests.processes import WorkerProcess
+from tests.support import RabbitAdmin
 from worker.app import Worker
 from worker.audit import reconcile
+from worker.exitcodes import ExitCode
 from worker.settings import Settings
 from worker.topology import TopologyError, TopologySpec, declare_topology
 
@@ -250,7 +252,7 @@ async def test_check_fails_when_the_database_is_unreachable(amqp_url: str) -> No
         "--check", amqp_url=amqp_url,
         database_url="postgresql+asyncpg://postgres@127.0.0.1:1/budget",
     )
-    assert code == 1, output
+    assert code == ExitCode.UNREACHABLE, output
     assert "rabbitmq: ok" in output
     assert "database: unreachable" in output
 
@@ -260,12 +262,75 @@ async def test_check_fails_when_the_broker_is_unreachable(tmp_path: Path) -> Non
         "--check", amqp_url="amqp://guest:guest@127.0.0.1:1/",
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
     )
-    assert code == 1, output
+    assert code == ExitCode.UNREACHABLE, output
     assert "rabbitmq: unreachable" in output
     assert "database: ok" in output
 
 
-async def test_worker_exits_2_when_the_broker_holds_another_topology(
+async def test_check_with_an_unknown_host_prints_only_its_own_lines(tmp_path: Path) -> None:
+    code, output = await run_cli(
+        "--check", amqp_url="amqp://guest:guest@nosuchhost.invalid/",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
+    )
+    assert code == ExitCode.UNREACHABLE, output
+    lines = output.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["rabbitmq", "database"], output
+    assert "ERROR:aiormq" not in output
+
+
+async def test_check_says_a_refused_login_is_refused(rabbit: RabbitAdmin, vhost: str,
+                                                      tmp_path: Path) -> None:
+    url = rabbit.amqp_url(vhost).replace("guest:guest@", "guest:not-the-password@")
+    code, output = await run_cli(
+        "--check", amqp_url=url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"
+    )
+    assert code == ExitCode.REFUSED, output
+    assert "rabbitmq: login refused" in output and "ACCESS_REFUSED" in output
+    assert "not-the-password" not in output
+
+
+async def test_worker_with_a_wrong_password_exits_1_at_once_without_retrying(
+    rabbit: RabbitAdmin, vhost: str, tmp_path: Path
+) -> None:
+    url = rabbit.amqp_url(vhost).replace("guest:guest@", "guest:not-the-password@")
+    code, output = await run_cli(
+        amqp_url=url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"
+    )
+    assert code == ExitCode.REFUSED, output
+    assert "budget-worker: the broker refused the login" in output
+    assert "check the user and password in BUDGET_AMQP_URL" in output
+    assert "broker_unavailable" not in output and "not-the-password" not in output
+
+
+async def test_worker_keeps_retrying_an_unreachable_broker(tmp_path: Path) -> None:
+    # An outage, not a refusal: the worker waits for the broker (here, until killed).
+    log = tmp_path / "worker.log"
+    process = WorkerProcess(
+        log, amqp_url="amqp://guest:guest@127.0.0.1:1/", retry_max_seconds=0.2,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
+    ).start()
+    try:
+        await eventually(
+            lambda: sum(e.get("event") == "broker_unavailable" for e in process.events()) >= 3,
+            within=60, what="three retries",
+        )
+        assert process.proc is not None and process.proc.poll() is None
+    finally:
+        process.stop()
+
+
+async def test_a_usage_error_exits_64() -> None:
+    code, output = await run_cli("nosuchcommand")
+    assert code == ExitCode.USAGE, output
+    assert "usage: budget-worker" in output
+
+
+async def test_help_names_the_exit_codes() -> None:
+    code, output = await run_cli("--help")
+    assert code == 0 and "64 usage error" in output and "README" in output
+
+
+async def test_worker_exits_1_when_the_broker_holds_another_topology(
     amqp_url: str, tmp_path: Path
 ) -> None:
     # Lanes declared with another delivery limit: RabbitMQ never changes a
@@ -275,7 +340,7 @@ async def test_worker_exits_2_when_the_broker_holds_another_topology(
         amqp_url=amqp_url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
         partitions=PARTITIONS, delivery_limit=20,
     )
-    assert code == 2, output
+    assert code == ExitCode.REFUSED, output
     assert "budget-worker: the broker holds a queue or exchange with other settings" in output
 
 

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
+from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.connection import CONNECTION_ERRORS
@@ -20,9 +21,10 @@ from .background import Background
 from .backoff import Backoff, pause
 from .committer import GroupCommitter
 from .db import create_engine, retry_while_transient
+from .heartbeat import Tally
 from .lane import Lane, LaneConfig
 from .leases import LeaseStore, recorded_partitions, session_name
-from .logging import get_logger
+from .logging import get_logger, renders_json
 from .migrate import upgrade
 from .outcomes import Fence
 from .pool import Pool
@@ -39,9 +41,14 @@ from .topology import (
 from .upgrade import RoutingUpgrade
 from .urls import redact_url
 
-__all__ = ["Worker", "connect_amqp"]
+__all__ = ["BrokerRefused", "Worker", "connect_amqp"]
 
 _BROKER_LOST: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aio_pika.exceptions.AMQPError)
+
+
+class BrokerRefused(Exception):
+    """The broker refused the worker's login at start: configuration, not an
+    outage, so the worker exits (code 1) instead of retrying for ever."""
 
 
 async def connect_amqp(settings: Settings, *, name: str) -> AbstractConnection:
@@ -76,6 +83,8 @@ class Worker:
         self._log = get_logger(worker=self.name)
         self._engine: AsyncEngine | None = None
         self._budget: BudgetService | None = None
+        #: Commands settled since the last heartbeat line, counted by the lanes.
+        self._tally = Tally()
 
     def stop(self) -> None:
         """Finish the batches in hand, return the rest, leave the pool."""
@@ -124,6 +133,15 @@ class Worker:
                 except TopologyError:
                     raise
                 except _BROKER_LOST as e:
+                    if isinstance(e, ProbableAuthenticationError) and not self.connections:
+                        # Never logged in: the URL's user or password is wrong.
+                        # Later (a password changed under a running pool) it
+                        # is retried like an outage, keeping the lanes' order.
+                        raise BrokerRefused(
+                            f"the broker refused the login "
+                            f"({redact_url(settings.amqp_url.get_secret_value())}): {e}: "
+                            "check the user and password in BUDGET_AMQP_URL"
+                        ) from None
                     delay = backoff.next()
                     self._log.warning("broker_unavailable", error=repr(e), retry_in_s=delay)
                     await pause(delay, self._stop)
@@ -196,7 +214,12 @@ class Worker:
 
             assert self._budget is not None
             background = Background.start(
-                self._budget, connection, self.settings, lambda: set(running()), self._log
+                self._budget,
+                connection,
+                self.settings,
+                lambda: set(running()),
+                self._log,
+                tally=self._tally,
             )
             pool = Pool(
                 self._lease_store(),
@@ -259,7 +282,11 @@ class Worker:
             max_body_bytes=self.settings.max_body_bytes,
             retry_max_seconds=self.settings.retry_max_seconds,
             retry_initial_seconds=self.settings.retry_initial_seconds,
-            log_ops=self.settings.log_level.lower() in ("debug", "info"),
+            # The exact per-command record is for machines (JSON) or debugging;
+            # a person reading a terminal gets the batch's summary.
+            log_ops=renders_json(self.settings.log_format)
+            or self.settings.log_level.lower() == "debug",
+            tally=self._tally,
             auth=AuthPolicy.from_settings(self.settings),
             lanes=LaneMap(self.topology.partitions),
         )

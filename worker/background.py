@@ -1,5 +1,6 @@
-"""A worker's background tasks beside its lanes: the outbox publisher and the
-hold sweeper, started per broker connection and stopped with it."""
+"""A worker's background tasks beside its lanes: the outbox publisher, the
+hold sweeper and the heartbeat line, started per broker connection and
+stopped with it."""
 
 import asyncio
 import contextlib
@@ -9,6 +10,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 
+from .heartbeat import Tally, beat
 from .outbox import OutboxPublisher
 from .service import BudgetService
 from .settings import Settings
@@ -33,6 +35,7 @@ class Background:
         settings: Settings,
         partitions: Callable[[], Collection[int]],
         log: Any,
+        tally: Tally | None = None,
     ) -> "Background":
         outbox = None
         if settings.outbox_publish:
@@ -55,6 +58,9 @@ class Background:
             service.on_events = outbox.notify
             started._tasks.append(asyncio.create_task(outbox.run(), name="outbox"))
         started._tasks.append(asyncio.create_task(sweeper.run(), name="sweeper"))
+        if tally is not None:
+            heartbeat = beat(tally, partitions, interval=settings.heartbeat_seconds, log=log)
+            started._tasks.append(asyncio.create_task(heartbeat, name="heartbeat"))
         return started
 
     async def close(self) -> None:

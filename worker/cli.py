@@ -1,14 +1,22 @@
-"""``budget-worker``: run the worker, run migrations, or check health (exit code)."""
+"""``budget-worker``: run the worker, run migrations, or check health (exit code).
 
-import argparse
+Exit codes are ``worker/exitcodes.py``'s: a configuration the broker or the
+database refuses (a wrong login, another topology) exits 1 at once, because
+retrying it cannot help; an outage is retried while running, and is 2 for
+``--check``.
+"""
+
 import asyncio
+import logging
 import signal
 import sys
 
+from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy import text
 
-from .app import Worker, connect_amqp
+from .app import BrokerRefused, Worker, connect_amqp
 from .db import create_engine
+from .exitcodes import EPILOG, ExitCode, UsageParser
 from .logging import configure_logging, get_logger
 from .migrate import current_revision, head_revision, upgrade
 from .settings import Settings
@@ -19,16 +27,16 @@ __all__ = ["check", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="budget-worker",
         description="Apply agents' token-budget commands from RabbitMQ to the database.",
-        epilog="Configuration comes from BUDGET_* environment variables (see README).",
+        epilog="Configuration comes from BUDGET_* environment variables (see README). " + EPILOG,
     )
     parser.add_argument(
         "--check",
         action="store_true",
         help="check that RabbitMQ and the database are reachable and the schema is current; "
-        "exit 0 if so, 1 if not",
+        "exit 0 if so, 2 if one is unreachable, 1 if one refuses (login, schema)",
     )
     parser.add_argument("command", nargs="?", choices=["run", "migrate"], default="run")
     args = parser.parse_args(argv)
@@ -40,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_migrate(settings))
     try:
         asyncio.run(_run(settings))
-    except TopologyError as error:
+    except (TopologyError, BrokerRefused) as error:
         print(f"budget-worker: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
     except KeyboardInterrupt:
         return 130
-    return 0
+    return ExitCode.OK
 
 
 async def _run(settings: Settings) -> None:
@@ -64,12 +72,15 @@ async def _migrate(settings: Settings) -> int:
     finally:
         await engine.dispose()
     get_logger().info("migrated", revision=revision)
-    return 0
+    return ExitCode.OK
 
 
 async def check(settings: Settings) -> int:
-    """Print one line per dependency; 0 when all are healthy, 1 otherwise."""
-    healthy = True
+    """Print one line per dependency; 0 when all are healthy, else the worst
+    of 2 (unreachable) and 1 (refused: a wrong login, a schema behind)."""
+    failures: set[ExitCode] = set()
+    # Each failure is reported once, in its line below: not again by aiormq.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     amqp = redact_url(settings.amqp_url.get_secret_value())
     try:
         connection = await asyncio.wait_for(
@@ -77,8 +88,11 @@ async def check(settings: Settings) -> int:
         )
         await connection.close()
         print(f"rabbitmq: ok ({amqp})")
+    except ProbableAuthenticationError as error:
+        failures.add(ExitCode.REFUSED)
+        print(f"rabbitmq: login refused ({amqp}): {error}: check the user and password")
     except Exception as error:
-        healthy = False
+        failures.add(ExitCode.UNREACHABLE)
         print(f"rabbitmq: unreachable ({amqp}): {error!r}")
     database = redact_url(settings.database_url.get_secret_value())
     engine = create_engine(settings.database_url.get_secret_value())
@@ -93,11 +107,12 @@ async def check(settings: Settings) -> int:
         elif settings.migrate_on_start:
             print(f"database: ok ({database}, schema {revision}; the worker migrates to {head})")
         else:
-            healthy = False
+            failures.add(ExitCode.REFUSED)
             print(f"database: schema {revision}, expected {head}: run `budget-worker migrate`")
     except Exception as error:
-        healthy = False
+        failures.add(ExitCode.UNREACHABLE)
         print(f"database: unreachable ({database}): {str(error).splitlines()[0][:300]}")
     finally:
         await engine.dispose()
-    return 0 if healthy else 1
+    # Unreachable wins: once it is reachable, the refusal (if any) shows.
+    return max(failures, default=ExitCode.OK)

@@ -2,9 +2,9 @@
 
 State changes are commands published with the client SDK, never SQL, so they
 are ordered with the agents' own commands and deduplicated by message_id:
-pass ``--message-id`` to retry one safely. Only ``list`` reads the database,
-read-only. Exit codes: 0 done, 1 refused (or invalid input), 2 the broker or
-the database could not be reached, or no reply came in time.
+pass ``--message-id`` to retry one safely. ``list``, ``history``,
+``reconcile`` and ``workers`` read the database, read-only. Exit codes are
+``worker/exitcodes.py``'s: a script may retry on 2, never on 1 or 64.
 """
 
 import argparse
@@ -18,29 +18,36 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client import BudgetClient, BudgetClientError, BudgetView, CommandRefused
+from client import BudgetClient, BudgetClientError, BudgetView, CommandRefused, NoWorker
 
+from .exitcodes import EPILOG, ExitCode, UsageParser
 from .settings import Settings
 from .urls import broker_user, redact_url
 
-__all__ = ["build_parser", "main"]
+__all__ = ["NoSuchAgent", "build_parser", "main"]
 
-EXIT_REFUSED = 1
-EXIT_UNAVAILABLE = 2
-EXIT_DISCREPANCY = 3
+
+class NoSuchAgent(Exception):
+    """A database read about an agent nobody registered (``show`` says so too)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = UsageParser(add_help=False)
     common.add_argument("--amqp-url", help="default: BUDGET_AMQP_URL or the worker's default")
-    common.add_argument("--database-url", help="for list; default: BUDGET_DATABASE_URL")
+    common.add_argument(
+        "--database-url",
+        help="for list, history, reconcile and workers; default: BUDGET_DATABASE_URL "
+        "or the worker's default",
+    )
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     common.add_argument("--json", action="store_true", help="one JSON object per line")
-    retry = argparse.ArgumentParser(add_help=False)
+    retry = UsageParser(add_help=False)
     retry.add_argument("--message-id", help="reuse to retry a command safely (default: new)")
 
-    parser = argparse.ArgumentParser(
-        prog="budgetctl", description="Register agents, allocate and consume tokens, inspect."
+    parser = UsageParser(
+        prog="budgetctl",
+        description="Register agents, allocate and consume tokens, inspect.",
+        epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register = sub.add_parser("register", parents=[common, retry], help="register an agent")
@@ -87,21 +94,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in lines:
             print(line)
         if failed:
-            return _fail(EXIT_DISCREPANCY, "the books do not reconcile (see above)")
+            return _fail(failed, FAILURES[failed])
     except CommandRefused as error:
-        return _fail(EXIT_REFUSED, f"refused: {error.code}: {error.message}")
+        return _fail(ExitCode.REFUSED, f"refused: {error.code}: {error.message}")
+    except NoSuchAgent as error:
+        return _fail(ExitCode.REFUSED, f"refused: agent_not_found: agent {error} is not registered")
     except ValidationError as error:
         issues = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        return _fail(EXIT_REFUSED, f"invalid_command: {issues}")
+        return _fail(ExitCode.REFUSED, f"invalid_command: {issues}")
     except ValueError as error:  # a malformed --message-id, say
-        return _fail(EXIT_REFUSED, f"invalid input: {error}")
+        return _fail(ExitCode.REFUSED, f"invalid input: {error}")
     except BudgetClientError as error:
         url = redact_url(args.amqp_url or settings.amqp_url.get_secret_value())
-        return _fail(EXIT_UNAVAILABLE, f"{error.code}: {error.message} (broker {url})")
+        return _fail(ExitCode.UNREACHABLE, f"{error.code}: {error.message} (broker {url})")
+    except _no_database() as error:
+        return _fail(ExitCode.UNREACHABLE, str(error))
     except _view_error() as error:
         url = redact_url(args.database_url or settings.database_url.get_secret_value())
-        return _fail(EXIT_UNAVAILABLE, f"database error: {error} (database {url})")
-    return 0
+        return _fail(ExitCode.UNREACHABLE, f"database error: {error} (database {url})")
+    return ExitCode.OK
+
+
+#: Why a command that printed its lines still failed, by exit code.
+FAILURES = {
+    ExitCode.UNRECONCILED: "the books do not reconcile (see above)",
+    ExitCode.UNREACHABLE: "no worker is live: start one with `make run`",
+}
+
+
+def _no_database() -> type[Exception]:
+    from .views import NoDatabase
+
+    return NoDatabase
 
 
 def _view_error() -> type[Exception]:
@@ -110,30 +134,35 @@ def _view_error() -> type[Exception]:
     return ViewError
 
 
-def _fail(code: int, message: str) -> int:
+def _fail(code: ExitCode, message: str) -> int:
     print(f"budgetctl: {message}", file=sys.stderr)
     return code
 
 
-async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str], bool]:
+async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str], ExitCode]:
+    """The lines to print, and the exit code of a command that ran but failed."""
     if args.command in _DATABASE_COMMANDS:
         from . import views
 
         url = args.database_url or settings.database_url.get_secret_value()
         if args.command == "list":
             rows = await views.budgets_page(url, args.limit)
-            return [_row_line(row, args.json) for row in rows], False
+            return [_row_line(row, args.json) for row in rows], ExitCode.OK
         if args.command == "history":
             entries = await views.ledger_of(url, args.agent, args.limit)
-            return [_entry_line(e, args.json) for e in entries], False
+            if entries is None:
+                raise NoSuchAgent(repr(args.agent))
+            return [_entry_line(e, args.json) for e in entries], ExitCode.OK
         if args.command == "reconcile":
             found = await views.reconciled(url)
+            code = ExitCode.UNRECONCILED if found else ExitCode.OK
             if args.json:
-                return [json.dumps(dataclasses.asdict(d), default=str) for d in found], bool(found)
-            return [str(d) for d in found] or ["books reconcile: no difference"], bool(found)
+                return [json.dumps(dataclasses.asdict(d), default=str) for d in found], code
+            return [str(d) for d in found] or ["books reconcile: no difference"], code
         view = await views.pool(url, settings.member_ttl)
-        return _pool_lines(view, args.json), False
-    return await _broker(args, settings), False
+        # Nobody would apply a command now: a script checking for a pool must see it.
+        return _pool_lines(view, args.json), ExitCode.OK if view.live else ExitCode.UNREACHABLE
+    return await _broker(args, settings), ExitCode.OK
 
 
 _DATABASE_COMMANDS = frozenset({"list", "history", "reconcile", "workers"})
@@ -175,8 +204,10 @@ def _pool_lines(view: Any, as_json: bool) -> list[str]:
             )
     free = [p for p, lease in view.leases.items() if p not in _held_anywhere(view)]
     if not as_json:
+        if not view.members:
+            lines.append("no workers")
         lines.append(f"unowned partitions: {','.join(map(str, free)) or '-'}")
-    return lines or ["no workers"]
+    return lines
 
 
 def _held_anywhere(view: Any) -> set[int]:
@@ -192,6 +223,9 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
     async with BudgetClient.connect(
         amqp_url, timeout=args.timeout, name="budgetctl", user_id=broker_user(amqp_url)
     ) as client:
+        if not (args.command == "consume" and not args.wait) and not await client.lane_consumers():
+            # Fail now, not after the timeout: nothing was sent, nothing will answer.
+            raise NoWorker("no worker is consuming the lanes: start one with `make run`")
         if args.command == "register":
             view = await client.register_agent(agent, message_id=message_id)
         elif args.command == "allocate":

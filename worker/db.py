@@ -2,6 +2,7 @@
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, exc
@@ -10,7 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .backoff import Backoff, pause
 
-__all__ = ["create_engine", "is_sqlite", "is_transient", "retry_while_transient"]
+__all__ = [
+    "create_engine",
+    "is_sqlite",
+    "is_transient",
+    "retry_while_transient",
+    "sqlite_path",
+]
 
 #: SQLSTATEs that a retry of the same transaction can cure.
 _TRANSIENT_SQLSTATES = frozenset(
@@ -35,6 +42,14 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file a SQLite URL names; None for another database or ``:memory:``."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def create_engine(
     url: str,
     *,
@@ -49,6 +64,11 @@ def create_engine(
     takes the write lock before it reads the balances it will change.
     PostgreSQL: ``synchronous_commit=on`` whatever the server's default.
     """
+    path = sqlite_path(url)
+    if path is not None:
+        # The default lives in the user's data directory (worker/settings.py),
+        # which may not exist yet: the worker makes it, budgetctl never does.
+        path.parent.mkdir(parents=True, exist_ok=True)
     if is_sqlite(url):
         engine = create_async_engine(
             url,

@@ -24,6 +24,7 @@ from .acks import Disposition, settle, settle_failure
 from .auth import AuthPolicy, authorize, unauthorized_outcome
 from .backoff import Backoff, pause
 from .decode import Invalid, decode
+from .heartbeat import Tally
 from .outcomes import CommandApplier, Envelope, Fence, Fenced, Outcome, OutcomeKind
 from .publisher import DRAIN_MARKER, Publisher
 from .wire_guard import clean_text, has_invalid_text
@@ -40,7 +41,11 @@ class LaneConfig:
     max_body_bytes: int
     retry_max_seconds: float
     retry_initial_seconds: float = 0.05
+    #: Add each command's [message_id, agent, type, tokens, outcome] to
+    #: ``batch_applied``; without it the line only summarises the batch.
     log_ops: bool = True
+    #: Counts settled commands for the worker's heartbeat line.
+    tally: Tally | None = None
     #: Checked per command before its batch reaches the database.
     auth: AuthPolicy = field(default_factory=AuthPolicy)
     #: Which lane each agent belongs to; None only for tools and tests that
@@ -320,10 +325,11 @@ class Lane:
         results: list[Outcome | Invalid],
         seconds: float,
     ) -> None:
-        # One line per batch carries every operation, each as a compact
-        # [message_id, agent, type, tokens, outcome]: logging each command on
-        # its own line would cost more than applying it.
+        # One line per batch: a summary people can read, and (``log_ops``)
+        # every operation as a compact [message_id, agent, type, tokens,
+        # outcome]: a line per command would cost more than applying it.
         ops = []
+        agents = set()
         counts: dict[str, int] = {}
         log_ops = self._config.log_ops
         for message, item, result in zip(batch, decoded, results, strict=True):
@@ -337,17 +343,23 @@ class Lane:
                 if not result.reply.ok:
                     outcome = f"{kind}:{result.reply.error.code}"
             counts[kind] = counts.get(kind, 0) + 1
+            if isinstance(item, Envelope):
+                agents.add(item.command.agent_id)
             if log_ops and isinstance(item, Envelope):
                 command = item.command
                 tokens = getattr(command, "tokens", None)
                 ops.append((item.message_id, command.agent_id, command.type, tokens, outcome))
-        self._log.info(
-            "batch_applied",
-            size=len(batch),
-            duration_ms=round(seconds * 1000, 3),
-            outcomes=counts,
-            ops=ops if log_ops else None,
-        )
+        if self._config.tally is not None:
+            self._config.tally.add(len(batch))
+        summary: dict[str, Any] = {
+            "size": len(batch),
+            "agents": len(agents),
+            "outcomes": counts,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        if log_ops:
+            summary["ops"] = ops
+        self._log.info("batch_applied", **summary)
 
 
 _TEXT_PROPERTIES = (

@@ -1,6 +1,8 @@
 """Configuration from the environment, every variable prefixed ``BUDGET_``."""
 
+import os
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
@@ -12,7 +14,7 @@ from schemas import (
     MAX_RESERVATION_TTL_SECONDS,
 )
 
-__all__ = ["AuthMode", "LogFormat", "Settings"]
+__all__ = ["AuthMode", "LogFormat", "Settings", "default_database_url"]
 
 
 class LogFormat(StrEnum):
@@ -34,12 +36,26 @@ class AuthMode(StrEnum):
     USER_ID = "user-id"
 
 
+def default_database_url() -> str:
+    """SQLite in the user's data directory, whatever the current directory.
+
+    ``$XDG_DATA_HOME/token-budget/budget.db``, else
+    ``~/.local/share/token-budget/budget.db``: the worker and ``budgetctl``
+    started anywhere by the same user find the same file. The worker creates
+    it on first use; ``budgetctl`` never does.
+    """
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec ignores a relative XDG_DATA_HOME, and so do we.
+    base = Path(data_home) if os.path.isabs(data_home) else Path.home() / ".local" / "share"
+    return f"sqlite+aiosqlite:///{base / 'token-budget' / 'budget.db'}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BUDGET_", extra="ignore")
 
     #: Credentials live in the URLs, hence secrets: never printed, never logged.
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost/")
-    database_url: SecretStr = SecretStr("sqlite+aiosqlite:///./budget.db")
+    database_url: SecretStr = Field(default_factory=lambda: SecretStr(default_database_url()))
 
     #: Number of lane queues. Fixed for the life of a deployment: changing it
     #: moves agents to other lanes (see docs/operations.md).
@@ -87,6 +103,9 @@ class Settings(BaseSettings):
     outbox_publish: bool = True
     #: How often the outbox is polled besides the wake-up after each commit.
     outbox_poll_interval: float = Field(default=1.0, gt=0)
+    #: ``BUDGET_HEARTBEAT_SECONDS``: how often the worker logs ``worker_heartbeat``
+    #: (lanes held, commands since the last one). Not ``heartbeat``, the AMQP one.
+    heartbeat_seconds: float = Field(default=60.0, gt=0)
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
 

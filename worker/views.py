@@ -6,6 +6,7 @@ commands that only talk to the broker start fast.
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, select
@@ -14,19 +15,40 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from .audit import Discrepancy, LedgerEntry, history, reconcile
-from .db import is_sqlite
+from .db import is_sqlite, sqlite_path
 from .leases import PoolView, pool_view
 from .tables import agents, budgets
 
-__all__ = ["ViewError", "budgets_page", "ledger_of", "pool", "read_only_engine", "reconciled"]
+__all__ = [
+    "NoDatabase",
+    "ViewError",
+    "budgets_page",
+    "ledger_of",
+    "pool",
+    "read_only_engine",
+    "reconciled",
+]
 
 
 class ViewError(Exception):
     """The database could not be read (unreachable, or not migrated)."""
 
 
+class NoDatabase(ViewError):
+    """The SQLite file is not there: opening it would create an empty one."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"no database at {path}: start the worker first "
+            "or pass --database-url/BUDGET_DATABASE_URL"
+        )
+
+
 @asynccontextmanager
 async def read_only_engine(url: str) -> AsyncIterator[AsyncEngine]:
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise NoDatabase(path)
     if is_sqlite(url):
         engine = create_async_engine(url, poolclass=NullPool)
 
@@ -44,6 +66,8 @@ async def read_only_engine(url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
     except (SQLAlchemyError, OSError) as error:
         first = str(error).splitlines()[0][:300] if str(error) else repr(error)
+        if "no such table" in first or ("relation" in first and "does not exist" in first):
+            first += ": no schema yet (start the worker, it migrates; or `budget-worker migrate`)"
         raise ViewError(first) from error
     finally:
         await engine.dispose()
@@ -66,8 +90,13 @@ async def budgets_page(url: str, limit: int) -> list[dict[str, Any]]:
         return [dict(row) for row in (await conn.execute(query)).mappings()]
 
 
-async def ledger_of(url: str, agent_id: str, limit: int | None) -> list[LedgerEntry]:
+async def ledger_of(url: str, agent_id: str, limit: int | None) -> list[LedgerEntry] | None:
+    """The agent's ledger, oldest first; None if no such agent is registered."""
+    query = select(agents.c.agent_id).where(agents.c.agent_id == agent_id)
     async with read_only_engine(url) as engine:
+        async with engine.connect() as conn:
+            if (await conn.execute(query)).first() is None:
+                return None
         return await history(engine, agent_id, limit=limit)
 
 

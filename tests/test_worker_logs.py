@@ -55,7 +55,7 @@ async def test_batch_applied_in_a_console_at_info_is_a_summary_without_the_comma
 async def test_an_idle_worker_logs_a_heartbeat_with_its_lanes_and_commands(
     worker_process: Callable[..., WorkerProcess], amqp_url: str
 ) -> None:
-    process = worker_process(heartbeat_seconds=0.5)
+    process = worker_process(log_heartbeat_seconds=0.5)
     await process.ready()
     async with BudgetClient.connect(amqp_url, timeout=20) as client:
         await funded(client, 100)  # two commands

@@ -59,7 +59,7 @@ class Background:
             started._tasks.append(asyncio.create_task(outbox.run(), name="outbox"))
         started._tasks.append(asyncio.create_task(sweeper.run(), name="sweeper"))
         if tally is not None:
-            heartbeat = beat(tally, partitions, interval=settings.heartbeat_seconds, log=log)
+            heartbeat = beat(tally, partitions, interval=settings.log_heartbeat_seconds, log=log)
             started._tasks.append(asyncio.create_task(heartbeat, name="heartbeat"))
         return started
 

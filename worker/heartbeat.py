@@ -1,7 +1,7 @@
 """The worker's heartbeat line: proof of life in the log when nothing happens.
 
 ``batch_applied`` lines appear only while commands flow; an idle worker would
-otherwise say nothing for hours. Every ``BUDGET_HEARTBEAT_SECONDS`` one line
+otherwise say nothing for hours. Every ``BUDGET_LOG_HEARTBEAT_SECONDS`` one line
 says which lanes it holds and how many commands it settled since the last one.
 """
 

@@ -103,9 +103,9 @@ class Settings(BaseSettings):
     outbox_publish: bool = True
     #: How often the outbox is polled besides the wake-up after each commit.
     outbox_poll_interval: float = Field(default=1.0, gt=0)
-    #: ``BUDGET_HEARTBEAT_SECONDS``: how often the worker logs ``worker_heartbeat``
+    #: ``BUDGET_LOG_HEARTBEAT_SECONDS``: how often the worker logs ``worker_heartbeat``
     #: (lanes held, commands since the last one). Not ``heartbeat``, the AMQP one.
-    heartbeat_seconds: float = Field(default=60.0, gt=0)
+    log_heartbeat_seconds: float = Field(default=60.0, gt=0)
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
 

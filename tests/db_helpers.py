@@ -9,10 +9,14 @@ from typing import TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from schemas import LaneMap
+from tests.workload import Model
+from worker.audit import reconcile
 from worker.db import create_engine
 from worker.tables import budgets, ledger, processed_commands
 
 __all__ = [
+    "assert_books_in_order_on_own_lanes",
     "balances",
     "lanes_applied_on",
     "ledger_ids",
@@ -92,3 +96,17 @@ async def wait_until(
         if done(value) or time.monotonic() >= deadline:
             return value
         await asyncio.sleep(interval)
+
+
+async def assert_books_in_order_on_own_lanes(
+    engine: AsyncEngine, model: Model, partitions: int
+) -> None:
+    """Balances as modelled, every command once in published order, each agent
+    applied on its own lane only, and the ledger reconciles."""
+    assert await balances(engine) == model.balances()
+    assert await ledger_ids(engine) == {a: ids for a, ids in model.applied.items() if ids}
+    lanes = LaneMap(partitions)
+    assert await lanes_applied_on(engine) == {
+        agent: {lanes.index_of(agent)} for agent, ids in model.applied.items() if ids
+    }
+    assert await reconcile(engine) == []

@@ -22,13 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import DEAD_LETTER_QUEUE, LaneMap, lane_queue_name
 from tests.amqp_helpers import Outgoing, command, open_amqp
-from tests.db_helpers import balances, lanes_applied_on, ledger_ids, reader
+from tests.db_helpers import assert_books_in_order_on_own_lanes, reader
 from tests.eventually import eventually
 from tests.private_services import PrivateRabbit
 from tests.processes import WorkerProcess
 from tests.support import unique
 from tests.workload import Model, Step, make_workload
-from worker.audit import reconcile
 from worker.tables import processed_commands
 from worker.topology import TopologySpec, declare_topology
 
@@ -157,13 +156,7 @@ async def _check(
         # Exact, or (after a redelivery) a later state of the agent, never an earlier one.
         allowed = [model.seen[query]] if exact else model.possible_answers(query)
         assert all(state in allowed for state in states), (query, states, allowed)
-    assert await balances(engine) == model.balances()
-    assert await ledger_ids(engine) == {a: ids for a, ids in model.applied.items() if ids}
-    lanes = LaneMap(PARTITIONS)
-    assert await lanes_applied_on(engine) == {
-        agent: {lanes.index_of(agent)} for agent, ids in model.applied.items() if ids
-    }
-    assert await reconcile(engine) == []
+    await assert_books_in_order_on_own_lanes(engine, model, PARTITIONS)
 
 
 @pytest.mark.parametrize("how", ["graceful", "kill"])

@@ -319,6 +319,14 @@ async def test_worker_keeps_retrying_an_unreachable_broker(tmp_path: Path) -> No
         process.stop()
 
 
+async def test_migrate_with_the_database_down_exits_2_with_one_line_and_no_password() -> None:
+    url = "postgresql+asyncpg://postgres:s3cret-pw@127.0.0.1:1/budget"
+    code, output = await run_cli("migrate", database_url=url)
+    assert code == ExitCode.UNREACHABLE, output
+    assert "budget-worker migrate:" in output and "retry once it is up" in output
+    assert "Traceback" not in output and "s3cret-pw" not in output
+
+
 async def test_a_usage_error_exits_64() -> None:
     code, output = await run_cli("nosuchcommand")
     assert code == ExitCode.USAGE, output

@@ -10,12 +10,13 @@ import asyncio
 import logging
 import signal
 import sys
+from urllib.parse import urlsplit
 
 from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy import text
 
 from .app import BrokerRefused, Worker, connect_amqp
-from .db import create_engine
+from .db import create_engine, is_transient
 from .exitcodes import EPILOG, ExitCode, UsageParser
 from .logging import configure_logging, get_logger
 from .migrate import current_revision, head_revision, upgrade
@@ -65,10 +66,21 @@ async def _run(settings: Settings) -> None:
 
 
 async def _migrate(settings: Settings) -> int:
-    engine = create_engine(settings.database_url.get_secret_value())
+    url = settings.database_url.get_secret_value()
+    engine = create_engine(url)
     try:
         await upgrade(engine)
         revision = await current_revision(engine)
+    except Exception as error:
+        # One line a person can act on, not a traceback: 2 may pass with
+        # time (the database is down), 1 will not (a refusal of the schema).
+        transient = is_transient(error)
+        hint = "retry once it is up" if transient else "the database refused the migration"
+        reason = (str(getattr(error, "orig", None) or error).splitlines() or [repr(error)])[0]
+        if password := urlsplit(url).password:
+            reason = reason.replace(password, "***")
+        print(f"budget-worker migrate: {redact_url(url)}: {reason}: {hint}", file=sys.stderr)
+        return ExitCode.UNREACHABLE if transient else ExitCode.REFUSED
     finally:
         await engine.dispose()
     get_logger().info("migrated", revision=revision)

@@ -86,11 +86,11 @@ async def test_twenty_kills_during_load_lose_and_double_nothing(
     total = sum(len(r) for r in rounds)
     assert total >= 20_000
     kills = 0
+    current = worker_process(**FAST_POOL)
+    await current.ready()  # it creates and migrates the database the test reads
     async with open_amqp(amqp_url) as amqp, read_only_engine(database_url) as engine:
         # Replies widen the window between a batch's commit and its acknowledgement.
         reply_to, replies = await amqp.reply_queue()
-        current = worker_process(**FAST_POOL)
-        await current.ready()
         publisher = asyncio.create_task(publish_rounds(amqp, rounds, reply_to))
         while kills < 20:
             await current.ready()

@@ -16,7 +16,7 @@ RUN groupadd --system --gid 10001 budget \
 # edit to the tests or the docs does not rebuild this layer.
 WORKDIR /src
 COPY . .
-RUN pip install .
+RUN pip install ".[worker]"
 
 # SQLite in the user's own directory, named explicitly, for a single
 # container without PostgreSQL (compose sets a PostgreSQL URL instead).

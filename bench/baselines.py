@@ -28,10 +28,10 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from sqlalchemy import bindparam, insert, update
 
-from schemas import parse_command
-from worker.db import create_engine
-from worker.migrate import upgrade
-from worker.tables import agents, budgets
+from token_budget.schemas import parse_command
+from token_budget.worker.store.db import create_engine
+from token_budget.worker.store.migrate import upgrade
+from token_budget.worker.store.tables import agents, budgets
 
 from .config import BenchConfig
 from .infra import RabbitAdmin, loadavg, new_database, new_tempdir, new_vhost
@@ -119,8 +119,14 @@ async def do_nothing(config: BenchConfig, admin: RabbitAdmin, processes: int = 1
             # Round robin, as the worker pool shares the lanes.
             share = names[index::processes]
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.nothing", url, str(config.prefetch), *share,
-                cwd=_ROOT, stdout=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "bench.nothing",
+                url,
+                str(config.prefetch),
+                *share,
+                cwd=_ROOT,
+                stdout=asyncio.subprocess.PIPE,
             )
             child = _Nothing(proc)
             stack.push_async_callback(child.stop)

@@ -4,7 +4,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.settings import Settings
+from token_budget.worker.settings import Settings
 
 __all__ = ["DEFAULT_OUT", "QUICK_OUT", "BenchConfig"]
 

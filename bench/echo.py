@@ -17,8 +17,8 @@ import sys
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from schemas import LANES_EXCHANGE_TYPE
-from worker.topology import lane_arguments
+from token_budget.schemas import LANES_EXCHANGE_TYPE
+from token_budget.worker.broker.topology import lane_arguments
 
 __all__ = ["ECHO_EXCHANGE", "serve"]
 

@@ -16,8 +16,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from schemas import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
-from worker.topology import TopologySpec, declare_topology
+from token_budget.schemas import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
+from token_budget.worker.broker.topology import TopologySpec, declare_topology
 
 from .echo import ECHO_EXCHANGE
 

@@ -1,4 +1,4 @@
-"""Real worker processes (``python -m worker``) and the pre-filled backlog drain.
+"""Real worker processes (``python -m token_budget.worker``) and the pre-filled backlog drain.
 
 A scenario starts a worker once to declare its topology and migrate, registers
 and allocates the agents through it, and stops it. Then the whole backlog is
@@ -32,7 +32,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerProc:
-    """One ``python -m worker`` with JSON logs in its own file."""
+    """One ``python -m token_budget.worker`` with JSON logs in its own file."""
 
     def __init__(self, log_path: Path, env: dict[str, str]) -> None:
         self.log_path = log_path
@@ -50,7 +50,7 @@ class WorkerProc:
         self._scanned = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker"],
+                [sys.executable, "-m", "token_budget.worker"],
                 env=self._env,
                 cwd=_ROOT,
                 stdout=log,

@@ -1,6 +1,6 @@
 """The agents' SDK: publish budget commands with confirms, RPC with timeouts, typed errors."""
 
-from schemas import BudgetView, OkReply
+from token_budget.schemas import BudgetView, OkReply
 
 from .client import BudgetClient, ReplyQueue, new_message_id
 from .errors import (

@@ -40,7 +40,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from schemas import (
+from token_budget.schemas import (
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
     DIRECT_REPLY_TO,

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas import ErrorBody, ErrorCode, ValidationIssue
+from token_budget.schemas import ErrorBody, ErrorCode, ValidationIssue
 
 __all__ = [
     "AgentNotFoundError",

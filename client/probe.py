@@ -12,7 +12,7 @@ import contextlib
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from schemas import Command, lane_queue_name
+from token_budget.schemas import Command, lane_queue_name
 
 from .connection import CONNECTION_ERRORS, is_open
 from .errors import NoWorker, RequestTimeout

@@ -21,7 +21,15 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any
 
-from schemas import BudgetView, Command, Commit, OkReply, Release, Reserve, SetThresholds
+from token_budget.schemas import (
+    BudgetView,
+    Command,
+    Commit,
+    OkReply,
+    Release,
+    Reserve,
+    SetThresholds,
+)
 
 from .errors import InvalidReply, RequestTimeout
 

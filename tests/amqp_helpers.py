@@ -20,7 +20,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
-from schemas import (
+from token_budget.schemas import (
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
     DIRECT_REPLY_TO,
@@ -159,8 +159,9 @@ class Collector:
 class Amqp:
     """A connection with a confirming channel that publishes commands."""
 
-    def __init__(self, connection: AbstractConnection, channel: AbstractChannel,
-                 commands: AbstractExchange) -> None:
+    def __init__(
+        self, connection: AbstractConnection, channel: AbstractChannel, commands: AbstractExchange
+    ) -> None:
         self.connection = connection
         self.channel = channel
         self._commands = commands
@@ -264,8 +265,9 @@ async def setup_agent(amqp: Amqp, agent: str, tokens: int) -> None:
     reply_to, replies = await amqp.reply_queue()
     for kind, amount in (("register_agent", None), ("allocate", tokens)):
         await amqp.publish(
-            Outgoing(command(kind, agent, amount), agent, message_id=f"{agent}:{kind}",
-                     reply_to=reply_to)
+            Outgoing(
+                command(kind, agent, amount), agent, message_id=f"{agent}:{kind}", reply_to=reply_to
+            )
         )
     for message in await replies.wait_count(2):
         assert parse_reply(message.body).ok, message.body
@@ -275,8 +277,13 @@ async def ask(amqp: Amqp, outgoing: Outgoing) -> tuple[bytes, dict[str, object]]
     """Publish with an exclusive reply queue; the reply's body and headers."""
     reply_to, replies = await amqp.reply_queue()
     await amqp.publish(
-        Outgoing(outgoing.body, outgoing.routing_key, message_id=outgoing.message_id,
-                 reply_to=reply_to, correlation_id="ask")
+        Outgoing(
+            outgoing.body,
+            outgoing.routing_key,
+            message_id=outgoing.message_id,
+            reply_to=reply_to,
+            correlation_id="ask",
+        )
     )
     reply = await replies.reply("ask")
     return reply.body, dict(reply.headers or {})

@@ -13,15 +13,15 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from client import BudgetClient
 from tests.inprocess import running
 from tests.processes import WorkerProcess
 from tests.support import RabbitAdmin, create_pg_database, drop_pg_database, unique
-from worker.app import Worker
-from worker.db import create_engine
-from worker.logging import configure_logging
-from worker.migrate import upgrade
-from worker.settings import LogFormat, Settings
+from token_budget.client import BudgetClient
+from token_budget.worker.app import Worker
+from token_budget.worker.logs import configure_logging
+from token_budget.worker.settings import LogFormat, Settings
+from token_budget.worker.store.db import create_engine
+from token_budget.worker.store.migrate import upgrade
 
 configure_logging("info", LogFormat.CONSOLE)
 
@@ -57,8 +57,9 @@ def amqp_url(rabbit: RabbitAdmin, vhost: str) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                       ) -> AsyncIterator[str]:
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("db") / "budget.db"
         yield f"sqlite+aiosqlite:///{path}"
@@ -104,10 +105,10 @@ async def client(worker: Worker, amqp_url: str) -> AsyncIterator[BudgetClient]:
 
 
 @pytest.fixture
-def worker_process(tmp_path: Path, amqp_url: str, database_url: str) -> Iterator[
-    Callable[..., WorkerProcess]
-]:
-    """Start real ``python -m worker`` processes; all are stopped at the end."""
+def worker_process(
+    tmp_path: Path, amqp_url: str, database_url: str
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real ``python -m token_budget.worker`` processes; all are stopped at the end."""
     started: list[WorkerProcess] = []
 
     def start(**overrides: object) -> WorkerProcess:

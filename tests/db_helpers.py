@@ -9,11 +9,11 @@ from typing import TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import LaneMap
 from tests.workload import Model
-from worker.audit import reconcile
-from worker.db import create_engine
-from worker.tables import budgets, ledger, processed_commands
+from token_budget.schemas import LaneMap
+from token_budget.worker.store.audit import reconcile
+from token_budget.worker.store.db import create_engine
+from token_budget.worker.store.tables import budgets, ledger, processed_commands
 
 __all__ = [
     "assert_books_in_order_on_own_lanes",
@@ -51,9 +51,7 @@ async def ledger_ids(engine: AsyncEngine) -> dict[str, list[str]]:
     """agent_id -> the message_ids of its ledger rows, in ledger (seq) order."""
     async with engine.connect() as conn:
         rows = await conn.execute(
-            select(ledger.c.agent_id, ledger.c.message_id).order_by(
-                ledger.c.agent_id, ledger.c.seq
-            )
+            select(ledger.c.agent_id, ledger.c.message_id).order_by(ledger.c.agent_id, ledger.c.seq)
         )
         result: dict[str, list[str]] = {}
         for agent, message_id in rows:

@@ -4,7 +4,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from worker.app import Worker
+from token_budget.worker.app import Worker
 
 __all__ = ["running"]
 

@@ -205,8 +205,16 @@ class PrivatePostgres:
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres")
         if not (self.dir / "data").exists():
-            _run(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-A", "trust",
-                 "-U", "postgres", user="postgres")
+            _run(
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.dir / "data"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                user="postgres",
+            )
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
         self._pg_ctl("-o", options, "-l", str(self.dir / "log"), "-w", "start")
         return self

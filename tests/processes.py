@@ -16,7 +16,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerProcess:
-    """``python -m worker`` with JSON logs in a file the test can read."""
+    """``python -m token_budget.worker`` with JSON logs in a file the test can read."""
 
     def __init__(self, log_path: Path, **settings: Any) -> None:
         self.log_path = log_path
@@ -33,7 +33,11 @@ class WorkerProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker"], env=self.env, cwd=_ROOT, stdout=log, stderr=log
+            [sys.executable, "-m", "token_budget.worker"],
+            env=self.env,
+            cwd=_ROOT,
+            stdout=log,
+            stderr=log,
         )
         log.close()
         return self

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from client import BudgetClient
+from token_budget.client import BudgetClient
 
 __all__ = [
     "AMQP_HOST",
@@ -27,9 +27,7 @@ AMQP_HOST = os.environ.get("BUDGET_TEST_AMQP_HOST", "127.0.0.1:5672")
 RABBIT_API = os.environ.get("BUDGET_TEST_RABBIT_API", "http://127.0.0.1:15672/api")
 RABBIT_USER = os.environ.get("BUDGET_TEST_RABBIT_USER", "guest")
 RABBIT_PASSWORD = os.environ.get("BUDGET_TEST_RABBIT_PASSWORD", "guest")
-PG_ADMIN_DSN = os.environ.get(
-    "BUDGET_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+PG_ADMIN_DSN = os.environ.get("BUDGET_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def unique(prefix: str = "t") -> str:
@@ -55,7 +53,9 @@ class RabbitAdmin:
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
-            f"{self.base}{path}", data=data, method=method,
+            f"{self.base}{path}",
+            data=data,
+            method=method,
             headers={"Authorization": self._auth, "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -71,8 +71,10 @@ class RabbitAdmin:
         try:
             overview = self.call("GET", "/overview")
         except urllib.error.HTTPError as error:
-            return f"RabbitMQ's management API at {self.base} answered {error.code}: check " \
+            return (
+                f"RabbitMQ's management API at {self.base} answered {error.code}: check "
                 f"BUDGET_TEST_RABBIT_USER/BUDGET_TEST_RABBIT_PASSWORD"
+            )
         except OSError as error:  # URLError: refused, unknown host, timeout
             return (
                 f"RabbitMQ's management API at {self.base} is unreachable ({error}): the tests "
@@ -89,7 +91,8 @@ class RabbitAdmin:
         quoted = urllib.parse.quote(name, safe="")
         self.call("PUT", f"/vhosts/{quoted}", {})
         self.call(
-            "PUT", f"/permissions/{quoted}/{user}",
+            "PUT",
+            f"/permissions/{quoted}/{user}",
             {"configure": ".*", "write": ".*", "read": ".*"},
         )
 

@@ -5,8 +5,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from schemas import CommandType, ThresholdCrossedEvent
-from schemas.asyncapi import DEFAULT_PATH, build, main, render
+from token_budget.schemas import CommandType, ThresholdCrossedEvent
+from token_budget.schemas.asyncapi import DEFAULT_PATH, build, main, render
 
 PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 

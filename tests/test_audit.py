@@ -3,11 +3,11 @@
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import parse_command
 from tests.support import unique
-from worker.audit import history, reconcile
-from worker.outcomes import Envelope
-from worker.service import BudgetService
+from token_budget.schemas import parse_command
+from token_budget.worker.domain.outcomes import Envelope
+from token_budget.worker.store.audit import history, reconcile
+from token_budget.worker.store.service import BudgetService
 
 
 def _envelope(body: str, message_id: str) -> Envelope:
@@ -61,9 +61,7 @@ async def test_reconcile_reports_a_balance_changed_behind_the_ledger(engine: Asy
 async def test_reconcile_reports_a_deleted_ledger_row(engine: AsyncEngine) -> None:
     agent = await _seed(engine)
     async with engine.begin() as conn:
-        await conn.execute(
-            text("DELETE FROM ledger WHERE agent_id = :a AND seq = 2"), {"a": agent}
-        )
+        await conn.execute(text("DELETE FROM ledger WHERE agent_id = :a AND seq = 2"), {"a": agent})
     checks = {d.check for d in await reconcile(engine) if d.agent_id == agent}
     assert {"used_tokens = sum of ledger", "ledger rows numbered 1..n"} <= checks
 

@@ -8,11 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from schemas import Command, CommandType, ErrorCode, ErrorReply, parse_command
-from worker.acks import Disposition, settle
-from worker.auth import AuthPolicy, authorize, unauthorized_outcome
-from worker.outcomes import OutcomeKind
-from worker.settings import AuthMode, Settings
+from token_budget.schemas import Command, CommandType, ErrorCode, ErrorReply, parse_command
+from token_budget.worker.broker.acks import Disposition, settle
+from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
+from token_budget.worker.domain.outcomes import OutcomeKind
+from token_budget.worker.settings import AuthMode, Settings
 
 ADMIN = "ops"
 WORKER = "budget-worker"
@@ -54,8 +54,7 @@ def make(kind: CommandType, agent: str, tokens: int = 5) -> Command:
     return parse_command(json.dumps(body))
 
 
-def allowed_by_model(kind: CommandType, agent: str, sender: str | None,
-                     policy: AuthPolicy) -> bool:
+def allowed_by_model(kind: CommandType, agent: str, sender: str | None, policy: AuthPolicy) -> bool:
     if policy.mode is AuthMode.NONE:
         return True
     if not sender:

@@ -20,8 +20,12 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from sqlalchemy import select
 
-from client import BudgetClient, UnauthorizedError
-from schemas import (
+from tests.amqp_helpers import Collector, command, open_amqp
+from tests.db_helpers import balances, processed_ids, reader, wait_until
+from tests.support import RabbitAdmin, unique
+from tests.test_ctl import run_ctl
+from token_budget.client import BudgetClient, UnauthorizedError
+from token_budget.schemas import (
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
     DEAD_LETTER_QUEUE,
@@ -31,13 +35,9 @@ from schemas import (
     Reply,
     parse_reply,
 )
-from tests.amqp_helpers import Collector, command, open_amqp
-from tests.db_helpers import balances, processed_ids, reader, wait_until
-from tests.support import RabbitAdmin, unique
-from tests.test_ctl import run_ctl
-from worker.app import Worker
-from worker.settings import AuthMode, Settings
-from worker.tables import reservations
+from token_budget.worker.app import Worker
+from token_budget.worker.settings import AuthMode, Settings
+from token_budget.worker.store.tables import reservations
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -59,15 +59,18 @@ def users(rabbit: RabbitAdmin, vhost: str) -> Iterator[Users]:
     created: list[str] = []
     try:
         for name in (names.admin, names.agent_a, names.agent_b):
-            rabbit.call("PUT", f"/users/{quote(name, safe='')}",
-                        {"password": PASSWORD, "tags": ""})
+            rabbit.call("PUT", f"/users/{quote(name, safe='')}", {"password": PASSWORD, "tags": ""})
             created.append(name)
             # What docs/protocol.md (§11) recommends: publish commands, own
             # server-named reply queues, nothing else.
             rabbit.call(
-                "PUT", f"/permissions/{quote(vhost, safe='')}/{quote(name, safe='')}",
-                {"configure": "^amq\\.gen-.*", "write": "^budget\\.commands$",
-                 "read": "^amq\\.gen-.*"},
+                "PUT",
+                f"/permissions/{quote(vhost, safe='')}/{quote(name, safe='')}",
+                {
+                    "configure": "^amq\\.gen-.*",
+                    "write": "^budget\\.commands$",
+                    "read": "^amq\\.gen-.*",
+                },
             )
         yield names
     finally:
@@ -120,8 +123,14 @@ class Session:
     replies: Collector
 
     async def send(
-        self, type_: str, agent: str, tokens: int | None = None, *,
-        message_id: str | None = None, user_id: Any = None, reply: bool = True,
+        self,
+        type_: str,
+        agent: str,
+        tokens: int | None = None,
+        *,
+        message_id: str | None = None,
+        user_id: Any = None,
+        reply: bool = True,
         fields: dict[str, Any] | None = None,
     ) -> str:
         """Publish (confirmed); ``user_id`` defaults to this session's user."""
@@ -139,8 +148,7 @@ class Session:
         await self.commands.publish(message, routing_key=agent)
         return correlation_id
 
-    async def ask(self, type_: str, agent: str, tokens: int | None = None,
-                  **options: Any) -> Reply:
+    async def ask(self, type_: str, agent: str, tokens: int | None = None, **options: Any) -> Reply:
         correlation_id = await self.send(type_, agent, tokens, **options)
         return parse_reply((await self.replies.reply(correlation_id)).body)
 
@@ -233,8 +241,9 @@ async def test_agent_cannot_read_another_agents_budget(
 ) -> None:
     await fund(rabbit, vhost, users, 100)
     async with session(rabbit, vhost, users.agent_a) as agent_a:
-        replies = [await agent_a.ask(kind, users.agent_b)
-                   for kind in ("get_budget", "get_available")]
+        replies = [
+            await agent_a.ask(kind, users.agent_b) for kind in ("get_budget", "get_available")
+        ]
 
     assert all(unauthorized(reply) for reply in replies), replies
 
@@ -274,8 +283,9 @@ async def test_user_id_of_another_user_is_refused_by_the_broker(
 ) -> None:
     async with session(rabbit, vhost, users.agent_a) as agent_a:
         # RabbitMQ 3.10 answers PRECONDITION_FAILED (406), closing the channel.
-        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed,
-                           match="user_id property set to"):
+        with pytest.raises(
+            aiormq.exceptions.ChannelPreconditionFailed, match="user_id property set to"
+        ):
             await agent_a.send("consume", users.agent_b, 1, user_id=users.agent_b)
         assert agent_a.channel.is_closed
         assert not agent_a.connection.is_closed
@@ -295,7 +305,10 @@ async def test_unauthorized_fire_and_forget_command_is_announced_as_an_event(
     assert event.routing_key == "budget.refused.unauthorized"
     refused = RefusedEvent.model_validate_json(event.body)
     assert (refused.agent_id, refused.command_type, refused.message_id, refused.tokens) == (
-        users.agent_b, "consume", "quiet-1", 5
+        users.agent_b,
+        "consume",
+        "quiet-1",
+        5,
     )
     assert refused.error.code == "unauthorized"
 

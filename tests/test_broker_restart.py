@@ -20,7 +20,6 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import DEAD_LETTER_QUEUE, LaneMap, lane_queue_name
 from tests.amqp_helpers import Outgoing, command, open_amqp
 from tests.db_helpers import assert_books_in_order_on_own_lanes, reader
 from tests.eventually import eventually
@@ -28,8 +27,9 @@ from tests.private_services import PrivateRabbit
 from tests.processes import WorkerProcess
 from tests.support import unique
 from tests.workload import Model, Step, make_workload
-from worker.tables import processed_commands
-from worker.topology import TopologySpec, declare_topology
+from token_budget.schemas import DEAD_LETTER_QUEUE, LaneMap, lane_queue_name
+from token_budget.worker.broker.topology import TopologySpec, declare_topology
+from token_budget.worker.store.tables import processed_commands
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -199,7 +199,9 @@ async def test_a_worker_running_through_a_broker_restart_keeps_order_and_read_yo
     await _publish(broker_url, rounds[:25])
     async with reader(database_url) as engine:
         done = await eventually(
-            lambda: _state_changing(engine), within=60, what="draining under way",
+            lambda: _state_changing(engine),
+            within=60,
+            what="draining under way",
             done=lambda n: n >= 200,
         )
         assert done < model.state_changing
@@ -277,8 +279,10 @@ async def test_no_agent_changes_lane_across_broker_restarts(
         return [sum(a[k] != b[k] for k in keys) for a, b in itertools.pairwise(runs)]
 
     # The figures of the routing issue: printed (pytest -s), asserted only for ours.
-    print(f"\nkeys of 400 moved per restart (graceful, kill): "
-          f"x-consistent-hash {moved(legacy)}, budget.lanes {moved(stable)}")
+    print(
+        f"\nkeys of 400 moved per restart (graceful, kill): "
+        f"x-consistent-hash {moved(legacy)}, budget.lanes {moved(stable)}"
+    )
     lane_map = LaneMap(16)
     for landed in stable:
         assert landed == {k: lane_queue_name(lane_map.index_of(k)) for k in keys}

@@ -8,7 +8,9 @@ import aio_pika
 import pytest
 from pydantic import ValidationError
 
-from client import (
+from tests.inprocess import running
+from tests.support import funded, unique
+from token_budget.client import (
     AgentNotFoundError,
     BrokerUnavailable,
     BudgetClient,
@@ -23,8 +25,8 @@ from client import (
     refusal_for,
     refusal_from_wire,
 )
-from client.errors import _BY_CODE
-from schemas import (
+from token_budget.client.errors import _BY_CODE
+from token_budget.schemas import (
     COMMANDS_EXCHANGE,
     BudgetView,
     ErrorBody,
@@ -33,11 +35,9 @@ from schemas import (
     OkReply,
     lane_queue_name,
 )
-from tests.inprocess import running
-from tests.support import funded, unique
-from worker.app import Worker
-from worker.settings import Settings
-from worker.topology import TopologySpec, declare_topology
+from token_budget.worker.app import Worker
+from token_budget.worker.broker.topology import TopologySpec, declare_topology
+from token_budget.worker.settings import Settings
 
 REPLY_QUEUES: list[ReplyQueue] = ["direct", "exclusive"]
 

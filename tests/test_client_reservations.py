@@ -5,15 +5,15 @@ import random
 
 import pytest
 
-from client import (
+from tests.db_helpers import reader
+from tests.support import funded
+from token_budget.client import (
     BudgetClient,
     InsufficientBudgetError,
     ReservationClosedError,
     ReservationNotFoundError,
 )
-from tests.db_helpers import reader
-from tests.support import funded
-from worker.audit import history, reconcile
+from token_budget.worker.store.audit import history, reconcile
 
 
 class Boom(Exception):
@@ -112,7 +112,8 @@ async def test_concurrent_reservations_over_the_broker_never_overdraw(
 
     calls = [
         call(agent, rng.randint(20, 120), rng.randint(0, 140))
-        for _ in range(15) for agent in agents
+        for _ in range(15)
+        for agent in agents
     ]
     # A reserve, or a commit over its hold, is refused once the budget is short
     # (``call`` counts neither); any other error fails the test here.

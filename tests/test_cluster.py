@@ -19,8 +19,6 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from client.connection import is_open
-from schemas import COMMANDS_EXCHANGE, DEAD_LETTER_QUEUE, LaneMap
 from tests.amqp_helpers import Outgoing, command
 from tests.db_helpers import assert_books_in_order_on_own_lanes, reader
 from tests.eventually import eventually
@@ -28,6 +26,8 @@ from tests.private_services import PrivateCluster
 from tests.processes import WorkerProcess
 from tests.support import unique
 from tests.workload import Model, make_workload
+from token_budget.client.connection import is_open
+from token_budget.schemas import COMMANDS_EXCHANGE, DEAD_LETTER_QUEUE, LaneMap
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -136,7 +136,9 @@ async def test_nodes_restarting_in_turn_under_load_keep_every_agent_on_its_lane_
     rounds, model = make_workload(120, 30, seed=31, prefix="clustered")
     workers = [
         WorkerProcess(
-            tmp_path / f"worker-{i}.log", amqp_url=vhost_urls[i + 1], database_url=database_url,
+            tmp_path / f"worker-{i}.log",
+            amqp_url=vhost_urls[i + 1],
+            database_url=database_url,
             **FAST,
         ).start()
         for i in range(2)
@@ -177,13 +179,17 @@ async def test_nodes_restarting_in_turn_under_load_keep_every_agent_on_its_lane_
         # a node goes down may be lost. Those to the queries published after
         # the restarts must all come.
         await eventually(
-            unanswered, within=180, what="the replies to the last queries", interval=0.5,
+            unanswered,
+            within=180,
+            what="the replies to the last queries",
+            interval=0.5,
             done=lambda missing: not missing,
         )
         await amqp.take_replies(replies)
         # Each worker lost its node once and came back by itself.
         await eventually(
-            lambda: all(_ready_count(p) >= 2 for p in workers), within=60,
+            lambda: all(_ready_count(p) >= 2 for p in workers),
+            within=60,
             what="both workers reconnected",
         )
         channel = await amqp.channel()

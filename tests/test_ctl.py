@@ -16,13 +16,13 @@ import aio_pika
 import pytest
 from sqlalchemy import text
 
-from client import BudgetClient
-from schemas import BudgetView
 from tests.db_helpers import reader
 from tests.support import funded, unique
-from worker.app import Worker
-from worker.exitcodes import ExitCode
-from worker.topology import TopologySpec, declare_topology
+from token_budget.client import BudgetClient
+from token_budget.schemas import BudgetView
+from token_budget.worker.app import Worker
+from token_budget.worker.broker.topology import TopologySpec, declare_topology
+from token_budget.worker.exitcodes import ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,9 +39,14 @@ Ctl = Callable[..., Awaitable[Run]]
 
 async def run_ctl(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Run:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.ctl", *args,
-        cwd=cwd, env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "worker.ctl",
+        *args,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -87,7 +92,10 @@ async def test_consume_is_confirmed_then_applied(ctl: Ctl, client: BudgetClient)
     run = await ctl("consume", agent, "30", "--json", "--message-id", "op-1")
     assert run.code == 0, run.err
     assert json.loads(run.out) == {
-        "agent_id": agent, "tokens": 30, "message_id": "op-1", "status": "confirmed"
+        "agent_id": agent,
+        "tokens": 30,
+        "message_id": "op-1",
+        "status": "confirmed",
     }
     deadline = time.monotonic() + 20
     while await client.get_available(agent) != 70:
@@ -154,6 +162,7 @@ async def test_unreachable_database_exits_2() -> None:
     run = await run_ctl("list", "--database-url", url)
     assert run.code == 2 and "database error" in run.err and "secret" not in run.err
 
+
 # history, reconcile and workers read the books back.
 
 
@@ -194,9 +203,7 @@ async def test_reconcile_exits_non_zero_and_names_a_tampered_balance(
     assert "do not reconcile" in run.err
 
 
-async def test_workers_shows_the_live_worker_and_its_partitions(
-    ctl: Ctl, worker: Worker
-) -> None:
+async def test_workers_shows_the_live_worker_and_its_partitions(ctl: Ctl, worker: Worker) -> None:
     run = await ctl("workers", "--json")
     assert run.code == 0, run.err
     (row,) = [json.loads(line) for line in run.out.splitlines()]
@@ -295,8 +302,14 @@ async def test_the_worker_and_budgetctl_share_the_default_database_from_any_dire
     there.mkdir()
     env = _default_db_env(data_home)
     migrate = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "migrate", cwd=here, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "token_budget.worker",
+        "migrate",
+        cwd=here,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await asyncio.wait_for(migrate.communicate(), 60)
     assert migrate.returncode == 0, output.decode()

@@ -3,8 +3,8 @@
 from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.db import is_transient
-from worker.urls import redact_url
+from token_budget.worker.store.db import is_transient
+from token_budget.worker.urls import redact_url
 
 
 async def test_commits_are_durable_before_they_return(engine: AsyncEngine) -> None:

@@ -20,8 +20,6 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from client import BudgetClient, BudgetClientError
-from schemas import DEAD_LETTER_QUEUE, HEADER_DUPLICATE, lane_queue_name
 from tests.amqp_helpers import Amqp, open_amqp
 from tests.db_helpers import balances, ledger_ids, processed_ids
 from tests.eventually import eventually
@@ -29,9 +27,11 @@ from tests.private_services import PrivatePostgres, PrivateRabbit
 from tests.processes import WorkerProcess
 from tests.support import RabbitAdmin
 from tests.workload import Model, Step, make_workload
-from worker.audit import reconcile
-from worker.tables import ledger, processed_commands
-from worker.views import read_only_engine
+from token_budget.client import BudgetClient, BudgetClientError
+from token_budget.schemas import DEAD_LETTER_QUEUE, HEADER_DUPLICATE, lane_queue_name
+from token_budget.worker.store.audit import reconcile
+from token_budget.worker.store.tables import ledger, processed_commands
+from token_budget.worker.store.views import read_only_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -44,9 +44,7 @@ async def processed(engine: AsyncEngine) -> int:
         return int((await conn.execute(query)).scalar_one())
 
 
-async def publish_rounds(
-    amqp: Amqp, rounds: list[list[Step]], reply_to: str | None = None
-) -> None:
+async def publish_rounds(amqp: Amqp, rounds: list[list[Step]], reply_to: str | None = None) -> None:
     for round_ in rounds:  # confirms of a round before the next: per-agent order
         await amqp.publish_all(
             (s.outgoing(reply_to, every=True) for s in round_), window=len(round_)
@@ -111,9 +109,10 @@ async def test_twenty_kills_during_load_lose_and_double_nothing(
             lambda: _reached(engine, model.state_changing), within=300, what="everything applied"
         )
         await assert_books(engine, model)
-        await replies.wait_for(lambda ms: {m.correlation_id for m in ms} >= {
-            s.message_id for r in rounds for s in r
-        }, within=120)
+        await replies.wait_for(
+            lambda ms: {m.correlation_id for m in ms} >= {s.message_id for r in rounds for s in r},
+            within=120,
+        )
         repeated = assert_replies(model, replies.messages)
         assert await amqp.ready_count(DEAD_LETTER_QUEUE) == 0
     # Redelivery really happened: commands committed by a killed worker and
@@ -271,8 +270,12 @@ async def test_database_outage_holds_commands_unanswered_and_resumes(
 
             await eventually(settled, within=90, what="lane statistics settled", interval=1.0)
             check = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "worker", "--check",
-                env={**worker.env}, stdout=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "token_budget.worker",
+                "--check",
+                env={**worker.env},
+                stdout=asyncio.subprocess.PIPE,
             )
             out, _ = await check.communicate()
             assert check.returncode == 2  # unreachable (worker/exitcodes.py)
@@ -290,13 +293,12 @@ async def test_database_outage_holds_commands_unanswered_and_resumes(
                 before = await _committed_before(engine, stopped_at)
                 assert readings[-1] == model.state_changing - before, (readings[-1], before)
                 await eventually(
-                    lambda: _reached(engine, model.state_changing), within=120,
+                    lambda: _reached(engine, model.state_changing),
+                    within=120,
                     what="everything applied",
                 )
                 await assert_books(engine, model)
-            await replies.wait_for(
-                lambda ms: {m.correlation_id for m in ms} >= held, within=60
-            )
+            await replies.wait_for(lambda ms: {m.correlation_id for m in ms} >= held, within=60)
             assert_replies(model, replies.messages)
             assert await amqp.ready_count(DEAD_LETTER_QUEUE) == 0
         worker.stop()

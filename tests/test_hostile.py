@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import DEAD_LETTER_QUEUE, HEADER_ERROR, HEADER_ERROR_CODE, MAX_TOKENS
 from tests.amqp_helpers import NO_MESSAGE_ID, Amqp, Outgoing, command, open_amqp, setup_agent
 from tests.db_helpers import balances, reader
 from tests.eventually import eventually
 from tests.support import unique
-from worker.app import Worker
-from worker.settings import Settings
+from token_budget.schemas import DEAD_LETTER_QUEUE, HEADER_ERROR, HEADER_ERROR_CODE, MAX_TOKENS
+from token_budget.worker.app import Worker
+from token_budget.worker.settings import Settings
 
 MAX_BODY = 2048
 GOOD_TYPES = ["consume", "allocate", "register_agent", "get_budget"]
@@ -40,8 +40,9 @@ class Hostile:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=8,
 )
 bad_tokens = st.one_of(
@@ -65,8 +66,7 @@ def hostile(draw: st.DrawFn) -> Hostile:
     kind = draw(st.sampled_from(["bytes", "json", "near", "oversized", "properties"]))
     content_type: str | None = "application/json"
     encoding: str | None = None
-    message_id: str | None = draw(st.text(alphabet=string.printable[:94], min_size=1,
-                                          max_size=40))
+    message_id: str | None = draw(st.text(alphabet=string.printable[:94], min_size=1, max_size=40))
     if kind == "bytes":
         body = draw(st.binary(max_size=200))
         broken = False  # almost surely broken, but not by construction
@@ -85,13 +85,23 @@ def hostile(draw: st.DrawFn) -> Hostile:
             fields["tokens"] = draw(good_tokens)
             fields[draw(st.sampled_from(["model", "Tokens", "token", "amount"]))] = 1
         elif field == "agent":
-            fields["agent_id"] = draw(st.one_of(st.text(max_size=3).map(lambda s: s + " x"),
-                                                st.text(min_size=129, max_size=140),
-                                                st.integers(), st.none()))
+            fields["agent_id"] = draw(
+                st.one_of(
+                    st.text(max_size=3).map(lambda s: s + " x"),
+                    st.text(min_size=129, max_size=140),
+                    st.integers(),
+                    st.none(),
+                )
+            )
             fields["tokens"] = 1
         else:
-            fields["type"] = draw(st.one_of(st.integers(), st.none(), st.text(max_size=5)
-                                            .filter(lambda t: t not in GOOD_TYPES)))
+            fields["type"] = draw(
+                st.one_of(
+                    st.integers(),
+                    st.none(),
+                    st.text(max_size=5).filter(lambda t: t not in GOOD_TYPES),
+                )
+            )
         body = json.dumps(fields).encode()
         broken = True
     elif kind == "oversized":
@@ -122,8 +132,11 @@ def worker_settings(worker_settings: Settings) -> Settings:
 @settings(
     max_examples=25,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                           HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 @given(messages=st.lists(hostile(), min_size=15, max_size=40))
 async def test_hostile_messages_never_disturb_good_traffic(
@@ -138,24 +151,33 @@ async def test_hostile_messages_never_disturb_good_traffic(
         for n, message in enumerate(messages):
             tokens = n + 1
             expected_used += tokens
-            await amqp.publish(Outgoing(command("consume", agent, tokens), agent,
-                                        message_id=unique("good"), reply_to=reply_to,
-                                        correlation_id=f"good-{n}"))
+            await amqp.publish(
+                Outgoing(
+                    command("consume", agent, tokens),
+                    agent,
+                    message_id=unique("good"),
+                    reply_to=reply_to,
+                    correlation_id=f"good-{n}",
+                )
+            )
             tag = unique("hostile")
             tags.append(tag)
             await _publish_hostile(amqp, message, tag)
         # A last command after everything: once it is answered, all before it
         # on the lane were handled (the lane is ordered).
-        await amqp.publish(Outgoing(command("get_budget", agent), agent, reply_to=reply_to,
-                                    correlation_id="last"))
+        await amqp.publish(
+            Outgoing(command("get_budget", agent), agent, reply_to=reply_to, correlation_id="last")
+        )
         last = json.loads((await replies.reply("last", within=60)).body)
         assert last["used_tokens"] == expected_used
         assert worker.connections == 1  # no message dropped the connection
         dead = {m.correlation_id: m for m in await amqp.take_all(DEAD_LETTER_QUEUE)}
         # Nothing stalls and nothing loops: every lane drains.
         await eventually(
-            lambda: amqp.lane_backlog(worker.topology.partitions), within=30,
-            what="every lane drained", done=lambda backlog: not any(backlog.values()),
+            lambda: amqp.lane_backlog(worker.topology.partitions),
+            within=30,
+            what="every lane drained",
+            done=lambda backlog: not any(backlog.values()),
         )
     for message, tag in zip(messages, tags, strict=True):
         letter = dead.get(tag)

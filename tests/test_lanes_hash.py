@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from schemas.lanes import PHASH2_RANGE, lane_of, phash2
+from token_budget.schemas.lanes import PHASH2_RANGE, lane_of, phash2
 
 #: erlang:phash2(Keys, R) for each R here, in this order, is what the tables hold.
 RANGES = (2**27, 2**32, 16, 1000)

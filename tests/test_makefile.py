@@ -9,7 +9,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_compose_check_without_compose_says_how_to_install_it() -> None:
     run = subprocess.run(
         ["make", "-s", "compose-check", "COMPOSE=no-such-compose-tool"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode != 0
     assert "'no-such-compose-tool' not found" in run.stderr

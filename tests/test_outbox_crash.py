@@ -1,5 +1,5 @@
 """Threshold events across crashes: recorded with their change, published at
-least once with the same id and body, never lost. Real ``python -m worker``
+least once with the same id and body, never lost. Real ``python -m token_budget.worker``
 processes, killed with SIGKILL.
 
 The window between the broker's confirm of an event and its mark in the
@@ -19,15 +19,15 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import EVENTS_EXCHANGE, ThresholdCrossedEvent
 from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
 from tests.db_helpers import reader
 from tests.eventually import eventually
 from tests.private_services import PrivateRabbit
 from tests.processes import WorkerProcess
 from tests.support import unique
-from worker.audit import reconcile
-from worker.tables import outbox
+from token_budget.schemas import EVENTS_EXCHANGE, ThresholdCrossedEvent
+from token_budget.worker.store.audit import reconcile
+from token_budget.worker.store.tables import outbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -85,8 +85,7 @@ async def setup(amqp: Amqp, agents: list[str]) -> None:
 async def consume_rounds(amqp: Amqp, agents: list[str], rounds: range) -> None:
     for step in rounds:  # a round confirmed before the next: per-agent order
         await amqp.publish_all(
-            Outgoing(command("consume", a, 10), a, message_id=f"{a}:consume-{step}")
-            for a in agents
+            Outgoing(command("consume", a, 10), a, message_id=f"{a}:consume-{step}") for a in agents
         )
 
 
@@ -137,11 +136,14 @@ async def test_workers_killed_mid_publication_lose_no_event(
             await current.ready()
         await publishing
         await eventually(
-            lambda: recorded(engine), within=60, what="every crossing recorded",
+            lambda: recorded(engine),
+            within=60,
+            what="every crossing recorded",
             done=lambda n: n == len(expected),
         )
-        await eventually(lambda: unpublished(engine), within=60, what="all marked",
-                         done=lambda n: n == 0)
+        await eventually(
+            lambda: unpublished(engine), within=60, what="all marked", done=lambda n: n == 0
+        )
         arrived = await events.wait_for(
             lambda ms: len({m.message_id for m in ms}) >= len(expected), within=60
         )
@@ -168,8 +170,9 @@ async def test_an_event_confirmed_and_not_marked_is_published_again_with_its_id(
             first.kill()
         second = worker_process(**FAST_POOL)
         await second.ready()
-        await eventually(lambda: unpublished(engine), within=60, what="the mark",
-                         done=lambda n: n == 0)
+        await eventually(
+            lambda: unpublished(engine), within=60, what="the mark", done=lambda n: n == 0
+        )
         # A later crossing: had the first been lost, this would come alone.
         await amqp.publish(
             Outgoing(command("consume", "marks", 30), "marks", message_id="marks:85")
@@ -203,8 +206,13 @@ async def test_events_pending_while_the_broker_is_down_are_published_when_it_ret
     agents = [f"down-{n:02d}" for n in range(10)]
     expected = {(a, t) for a in agents for t in THRESHOLDS}
     worker = WorkerProcess(
-        tmp_path / "worker.log", amqp_url=url, database_url=database_url, heartbeat=5,
-        retry_max_seconds=0.5, partitions=4, **FAST_POOL,
+        tmp_path / "worker.log",
+        amqp_url=url,
+        database_url=database_url,
+        heartbeat=5,
+        retry_max_seconds=0.5,
+        partitions=4,
+        **FAST_POOL,
     ).start()
     try:
         await worker.ready()
@@ -225,15 +233,18 @@ async def test_events_pending_while_the_broker_is_down_are_published_when_it_ret
                     await setup(amqp, agents)
                     await consume_rounds(amqp, agents, range(10))
                 await eventually(
-                    lambda: recorded(engine), within=60, what="every crossing recorded",
+                    lambda: recorded(engine),
+                    within=60,
+                    what="every crossing recorded",
                     done=lambda n: n == len(expected),
                 )
                 await asyncio.to_thread(private_rabbit.kill)
             # The broker is down and the events are still pending.
             assert await unpublished(engine) > 0
             await asyncio.to_thread(private_rabbit.start)
-            await eventually(lambda: unpublished(engine), within=90, what="all published",
-                             done=lambda n: n == 0)
+            await eventually(
+                lambda: unpublished(engine), within=90, what="all published", done=lambda n: n == 0
+            )
             assert await reconcile(engine) == []
         received: list[AbstractIncomingMessage] = []
         connection = await aio_pika.connect(url)
@@ -246,8 +257,12 @@ async def test_events_pending_while_the_broker_is_down_are_published_when_it_ret
                     received.append(message)
                 return {json.loads(m.body)["event_id"] for m in received}
 
-            await eventually(take, within=60, what="every event delivered",
-                             done=lambda ids: len(ids) >= len(expected))
+            await eventually(
+                take,
+                within=60,
+                what="every event delivered",
+                done=lambda ids: len(ids) >= len(expected),
+            )
         finally:
             await connection.close()
         check_events(received, expected)

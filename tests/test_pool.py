@@ -13,14 +13,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import LaneMap
 from tests.amqp_helpers import Amqp, Collector, open_amqp
 from tests.db_helpers import balances, ledger_ids, reader
 from tests.processes import WorkerProcess
 from tests.workload import Model, Step, make_workload
-from worker.audit import reconcile
-from worker.leases import PoolView, pool_view
-from worker.tables import ledger, processed_commands
+from token_budget.schemas import LaneMap
+from token_budget.worker.store.audit import reconcile
+from token_budget.worker.store.leases import PoolView, pool_view
+from token_budget.worker.store.tables import ledger, processed_commands
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

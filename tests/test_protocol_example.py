@@ -10,8 +10,8 @@ from typing import Any
 import aio_pika
 
 from tests.support import unique
-from worker.app import Worker
-from worker.topology import TopologySpec, declare_topology
+from token_budget.worker.app import Worker
+from token_budget.worker.broker.topology import TopologySpec, declare_topology
 
 SCRIPT = Path(__file__).resolve().parent.parent / "docs" / "examples" / "plain_amqp.py"
 
@@ -19,7 +19,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "docs" / "examples" / "plain_a
 async def run_example(amqp_url: str, agent: str, *extra: str) -> tuple[int, str, str]:
     # A subprocess, not a thread: the in-process worker shares this event loop.
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), "--amqp-url", amqp_url, "--agent", agent, *extra,
+        sys.executable,
+        str(SCRIPT),
+        "--amqp-url",
+        amqp_url,
+        "--agent",
+        agent,
+        *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -43,9 +49,7 @@ def replies(stdout: str) -> dict[str, Any]:
     return found
 
 
-async def test_plain_amqp_client_gets_the_documented_replies(
-    worker: Worker, amqp_url: str
-) -> None:
+async def test_plain_amqp_client_gets_the_documented_replies(worker: Worker, amqp_url: str) -> None:
     agent = unique("plain")
     code, out, err = await run_example(amqp_url, agent)
 
@@ -53,22 +57,37 @@ async def test_plain_amqp_client_gets_the_documented_replies(
     assert out.splitlines()[-1] == "all replies match docs/protocol.md"
     got = replies(out)
     assert list(got) == [
-        "register_agent", "allocate", "consume", "consume_refused",
-        "consume_refused_retry", "get_budget", "get_available",
+        "register_agent",
+        "allocate",
+        "consume",
+        "consume_refused",
+        "consume_refused_retry",
+        "get_budget",
+        "get_available",
     ]
     assert got["register_agent"] == {
-        "ok": True, "agent_id": agent,
-        "allocated_tokens": None, "used_tokens": None, "reserved_tokens": None,
+        "ok": True,
+        "agent_id": agent,
+        "allocated_tokens": None,
+        "used_tokens": None,
+        "reserved_tokens": None,
         "available_tokens": None,
     }
-    budget = {"ok": True, "agent_id": agent,
-              "allocated_tokens": 100, "used_tokens": 30, "reserved_tokens": 0,
-              "available_tokens": 70}
+    budget = {
+        "ok": True,
+        "agent_id": agent,
+        "allocated_tokens": 100,
+        "used_tokens": 30,
+        "reserved_tokens": 0,
+        "available_tokens": 70,
+    }
     assert got["allocate"] == {**budget, "used_tokens": 0, "available_tokens": 100}
     assert got["consume"] == budget
     error = got["consume_refused"]["error"]
     assert (error["code"], error["requested_tokens"], error["available_tokens"]) == (
-        "insufficient_budget", 71, 70,
+        "insufficient_budget",
+        71,
+        70,
     )
     assert got["consume_refused_retry"] == got["consume_refused"]
     assert got["get_budget"] == got["get_available"] == budget

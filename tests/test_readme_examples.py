@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.app import Worker
+from token_budget.worker.app import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("sdk_*.py"))
@@ -32,9 +32,12 @@ def test_every_python_block_in_the_readme_is_an_example_file_verbatim() -> None:
 async def run_example(path: Path, amqp_url: str) -> tuple[int, str, str]:
     # A subprocess, as a user runs it: the in-process worker shares this event loop.
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(path), cwd=ROOT,
+        sys.executable,
+        str(path),
+        cwd=ROOT,
         env={**os.environ, "BUDGET_AMQP_URL": amqp_url},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode is not None

@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from schemas import (
+from token_budget.schemas import (
     Allocate,
     Command,
     Commit,
@@ -20,16 +20,21 @@ from schemas import (
     Reserve,
     SetThresholds,
 )
-from worker.errors import BudgetError
-from worker.reservations import expire_due, reservation_id_for
-from worker.rules import AgentState, RuleContext, apply_rule
+from token_budget.worker.domain.errors import BudgetError
+from token_budget.worker.domain.reservations import expire_due, reservation_id_for
+from token_budget.worker.domain.rules import AgentState, RuleContext, apply_rule
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 #: What each ledger kind does to (allocated, used, reserved), written here
 #: independently of worker.audit.
 EFFECTS = {
-    "allocate": (1, 0, 0), "consume": (0, 1, 0), "reserve": (0, 0, 1), "release": (0, 0, -1),
-    "expire": (0, 0, -1), "settle": (0, 0, -1), "commit": (0, 1, 0),
+    "allocate": (1, 0, 0),
+    "consume": (0, 1, 0),
+    "reserve": (0, 0, 1),
+    "release": (0, 0, -1),
+    "expire": (0, 0, -1),
+    "settle": (0, 0, -1),
+    "commit": (0, 1, 0),
 }
 
 
@@ -163,11 +168,14 @@ class HoldsMachine(RuleBasedStateMachine):
     def set_thresholds(self, thresholds: list[int]) -> None:
         self.model.expire(self.now)
         expire_due(self.state, self.now)
-        apply_rule(self.state, SetThresholds(type="set_thresholds", agent_id="a",
-                                             thresholds=tuple(thresholds)))
+        apply_rule(
+            self.state,
+            SetThresholds(type="set_thresholds", agent_id="a", thresholds=tuple(thresholds)),
+        )
         self.model.thresholds = sorted(set(thresholds))
-        self.model.fired = {p for p in self.model.thresholds
-                            if self.model.used * 100 >= p * self.model.allocated}
+        self.model.fired = {
+            p for p in self.model.thresholds if self.model.used * 100 >= p * self.model.allocated
+        }
 
     @rule(seconds=st.integers(min_value=1, max_value=60))
     def wait(self, seconds: int) -> None:
@@ -220,10 +228,14 @@ def budget(allocated: int = 100, used: int = 0) -> AgentState:
     return AgentState("a", registered=True, has_budget=True, allocated=allocated, used=used)
 
 
-def reserve(state: AgentState, tokens: int, message_id: str = "r1", ttl: int = 60,
-            now: datetime = T0) -> str:
-    reply, _ = apply_rule(state, Reserve(type="reserve", agent_id="a", tokens=tokens,
-                                         ttl_seconds=ttl), RuleContext(now, message_id))
+def reserve(
+    state: AgentState, tokens: int, message_id: str = "r1", ttl: int = 60, now: datetime = T0
+) -> str:
+    reply, _ = apply_rule(
+        state,
+        Reserve(type="reserve", agent_id="a", tokens=tokens, ttl_seconds=ttl),
+        RuleContext(now, message_id),
+    )
     assert reply.reservation_id is not None
     return reply.reservation_id
 
@@ -252,7 +264,9 @@ def test_a_commit_writes_settle_then_commit_and_frees_the_rest() -> None:
     reply, _ = commit(state, rid, 45)
     assert (reply.used_tokens, reply.reserved_tokens, reply.available_tokens) == (45, 0, 55)
     assert [(c.kind, c.amount, c.used_after, c.reserved_after) for c in state.changes] == [
-        ("reserve", 60, 0, 60), ("settle", 60, 0, 0), ("commit", 45, 45, 0),
+        ("reserve", 60, 0, 60),
+        ("settle", 60, 0, 0),
+        ("commit", 45, 45, 0),
     ]
 
 
@@ -272,7 +286,9 @@ def test_a_commit_may_use_more_than_its_hold_only_while_the_budget_has_room() ->
         commit(state, rid, 51)
     body = refused.value.to_body()
     assert (body.code, body.requested_tokens, body.available_tokens) == (
-        ErrorCode.INSUFFICIENT_BUDGET, 51, 50,
+        ErrorCode.INSUFFICIENT_BUDGET,
+        51,
+        50,
     )
     assert state.holds[rid].is_open
     commit(state, rid, 50)
@@ -282,8 +298,9 @@ def test_a_commit_may_use_more_than_its_hold_only_while_the_budget_has_room() ->
 def test_a_settled_hold_cannot_be_committed_or_released_again() -> None:
     state = budget(100)
     rid = reserve(state, 10)
-    apply_rule(state, Release(type="release", agent_id="a", reservation_id=rid),
-               RuleContext(T0, "rel"))
+    apply_rule(
+        state, Release(type="release", agent_id="a", reservation_id=rid), RuleContext(T0, "rel")
+    )
     with pytest.raises(BudgetError) as refused:
         commit(state, rid, 1)
     assert refused.value.code is ErrorCode.RESERVATION_CLOSED
@@ -307,7 +324,8 @@ def test_expiry_frees_holds_at_their_deadline_oldest_first() -> None:
     assert expire_due(state, T0 + timedelta(seconds=9)) == []
     changes = expire_due(state, T0 + timedelta(seconds=30))
     assert [(c.kind, c.reservation_id, c.message_id) for c in changes] == [
-        ("expire", early, f"expire:{early}"), ("expire", late, f"expire:{late}"),
+        ("expire", early, f"expire:{early}"),
+        ("expire", late, f"expire:{late}"),
     ]
     assert state.reserved == 0
     assert state.holds[early].status == "expired"
@@ -319,7 +337,8 @@ def test_thresholds_are_crossed_by_usage_not_by_holds() -> None:
     assert state.crossings == []
     commit(state, rid, 85)
     assert [(c.threshold, c.used, c.command_type) for c in state.crossings] == [
-        (50, 85, "commit"), (80, 85, "commit"),
+        (50, 85, "commit"),
+        (80, 85, "commit"),
     ]
 
 
@@ -329,7 +348,8 @@ def test_an_allocation_that_lowers_usage_below_a_threshold_rearms_it() -> None:
     apply_rule(state, Allocate(type="allocate", agent_id="a", tokens=100))  # 60/200 = 30%
     apply_rule(state, Consume(type="consume", agent_id="a", tokens=40))  # 100/200 = 50%
     assert [(c.threshold, c.allocated, c.used) for c in state.crossings] == [
-        (50, 100, 60), (50, 200, 100),
+        (50, 100, 60),
+        (50, 200, 100),
     ]
 
 

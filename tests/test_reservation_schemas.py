@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from schemas import (
+from token_budget.schemas import (
     Commit,
     ExpireReservations,
     OkReply,
@@ -72,10 +72,16 @@ def test_expire_reservations_is_internal_and_needs_no_message_id() -> None:
 
 
 def test_only_the_reserve_reply_carries_the_reservation_fields() -> None:
-    plain = OkReply(agent_id="a", allocated_tokens=10, used_tokens=1, reserved_tokens=2,
-                    available_tokens=7)
+    plain = OkReply(
+        agent_id="a", allocated_tokens=10, used_tokens=1, reserved_tokens=2, available_tokens=7
+    )
     assert set(json.loads(encode_reply(plain))) == {
-        "ok", "agent_id", "allocated_tokens", "used_tokens", "reserved_tokens", "available_tokens",
+        "ok",
+        "agent_id",
+        "allocated_tokens",
+        "used_tokens",
+        "reserved_tokens",
+        "available_tokens",
     }
     held = plain.model_copy(update={"reservation_id": "r-1"})
     assert json.loads(encode_reply(held))["reservation_id"] == "r-1"

@@ -14,14 +14,14 @@ from sqlalchemy import event, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import ErrorCode, ErrorReply, OkReply, parse_command
-from worker.audit import history, reconcile
-from worker.committer import GroupCommitter
-from worker.db import create_engine
-from worker.migrate import upgrade
-from worker.outcomes import Envelope, Outcome, OutcomeKind
-from worker.service import BudgetService
-from worker.tables import budgets, reservations
+from token_budget.schemas import ErrorCode, ErrorReply, OkReply, parse_command
+from token_budget.worker.domain.outcomes import Envelope, Outcome, OutcomeKind
+from token_budget.worker.store.audit import history, reconcile
+from token_budget.worker.store.committer import GroupCommitter
+from token_budget.worker.store.db import create_engine
+from token_budget.worker.store.migrate import upgrade
+from token_budget.worker.store.service import BudgetService
+from token_budget.worker.store.tables import budgets, reservations
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -59,16 +59,23 @@ def code(outcome: Outcome) -> ErrorCode:
 
 async def stored(engine: AsyncEngine, agent: str) -> tuple[int, int, int]:
     async with engine.connect() as conn:
-        row = (await conn.execute(
-            select(budgets.c.allocated_tokens, budgets.c.used_tokens, budgets.c.reserved_tokens)
-            .where(budgets.c.agent_id == agent)
-        )).one()
+        row = (
+            await conn.execute(
+                select(
+                    budgets.c.allocated_tokens, budgets.c.used_tokens, budgets.c.reserved_tokens
+                ).where(budgets.c.agent_id == agent)
+            )
+        ).one()
     return row[0], row[1], row[2]
 
 
 async def funded(service: BudgetService, agent: str, tokens: int) -> None:
-    await service.apply([env({"type": "register_agent", "agent_id": agent}),
-                         env({"type": "allocate", "agent_id": agent, "tokens": tokens})])
+    await service.apply(
+        [
+            env({"type": "register_agent", "agent_id": agent}),
+            env({"type": "allocate", "agent_id": agent, "tokens": tokens}),
+        ]
+    )
 
 
 async def one(
@@ -96,8 +103,7 @@ def reserve(agent: str, tokens: int, ttl: int | None = None) -> dict[str, Any]:
 
 
 def commit(agent: str, reservation_id: str, tokens: int) -> dict[str, Any]:
-    return {"type": "commit", "agent_id": agent, "reservation_id": reservation_id,
-            "tokens": tokens}
+    return {"type": "commit", "agent_id": agent, "reservation_id": reservation_id, "tokens": tokens}
 
 
 def release(agent: str, reservation_id: str) -> dict[str, Any]:
@@ -117,7 +123,10 @@ async def test_a_hold_is_stored_with_its_deadline_and_counted_as_reserved(
     async with engine.connect() as conn:
         row = (await conn.execute(select(reservations))).one()._mapping
     assert (row["reservation_id"], row["agent_id"], row["tokens"], row["status"]) == (
-        reply.reservation_id, "a", 70, "open",
+        reply.reservation_id,
+        "a",
+        70,
+        "open",
     )
     assert await stored(engine, "a") == (100, 0, 70)
 
@@ -131,7 +140,9 @@ async def test_a_duplicate_reserve_returns_the_same_reservation_and_holds_once(
     )
     later = await one(service, reserve("a", 30), "res-1")
     assert [o.kind for o in (first, same_batch, later)] == [
-        OutcomeKind.APPLIED, OutcomeKind.DUPLICATE, OutcomeKind.DUPLICATE,
+        OutcomeKind.APPLIED,
+        OutcomeKind.DUPLICATE,
+        OutcomeKind.DUPLICATE,
     ]
     assert ok(first).reservation_id == ok(same_batch).reservation_id == ok(later).reservation_id
     assert first.body == later.body
@@ -149,7 +160,9 @@ async def test_commit_turns_the_hold_into_usage_and_frees_the_rest(
     assert reply.reservation_id is None
     assert await stored(engine, "a") == (100, 25, 0)
     assert [(e.kind, e.amount, e.reservation_id) for e in await history(engine, "a")][1:] == [
-        ("reserve", 60, rid), ("settle", 60, rid), ("commit", 25, rid),
+        ("reserve", 60, rid),
+        ("settle", 60, rid),
+        ("commit", 25, rid),
     ]
 
 
@@ -171,13 +184,20 @@ async def test_unknown_and_finished_reservations_are_refused_without_change(
     rid = ok(await one(service, reserve("a", 10))).reservation_id
     assert rid is not None
     await one(service, commit("a", rid, 5))
-    outcomes = await service.apply([
-        env(commit("a", "no-such-hold", 1)), env(release("a", "no-such-hold")),
-        env(commit("a", rid, 5)), env(release("a", rid)), env(release("b", rid)),
-    ])
+    outcomes = await service.apply(
+        [
+            env(commit("a", "no-such-hold", 1)),
+            env(release("a", "no-such-hold")),
+            env(commit("a", rid, 5)),
+            env(release("a", rid)),
+            env(release("b", rid)),
+        ]
+    )
     assert [code(o) for o in outcomes] == [
-        ErrorCode.RESERVATION_NOT_FOUND, ErrorCode.RESERVATION_NOT_FOUND,
-        ErrorCode.RESERVATION_CLOSED, ErrorCode.RESERVATION_CLOSED,
+        ErrorCode.RESERVATION_NOT_FOUND,
+        ErrorCode.RESERVATION_NOT_FOUND,
+        ErrorCode.RESERVATION_CLOSED,
+        ErrorCode.RESERVATION_CLOSED,
         ErrorCode.RESERVATION_NOT_FOUND,  # another agent's hold is not b's to know of
     ]
     assert await stored(engine, "a") == (100, 5, 0)
@@ -195,7 +215,9 @@ async def test_a_reserve_beyond_what_is_available_is_refused(
     assert isinstance(refused.reply, ErrorReply)
     error = refused.reply.error
     assert (error.code, error.requested_tokens, error.available_tokens) == (
-        ErrorCode.INSUFFICIENT_BUDGET, 21, 20,
+        ErrorCode.INSUFFICIENT_BUDGET,
+        21,
+        20,
     )
     assert await stored(engine, "a") == (100, 30, 50)
 
@@ -205,8 +227,10 @@ async def test_the_database_refuses_used_plus_reserved_beyond_allocated(
 ) -> None:
     await funded(service, "a", 100)
     await one(service, reserve("a", 60))
-    for statement in ("UPDATE budgets SET used_tokens = 41",
-                      "UPDATE budgets SET reserved_tokens = -1"):
+    for statement in (
+        "UPDATE budgets SET used_tokens = 41",
+        "UPDATE budgets SET reserved_tokens = -1",
+    ):
         with pytest.raises(IntegrityError):
             async with engine.begin() as conn:
                 await conn.execute(text(statement))
@@ -256,11 +280,13 @@ async def test_expiry_takes_its_place_in_the_agents_order_within_a_batch(
     await one(service, reserve("a", 80, ttl=10))
     clock.advance(10)
     # b's commands come first; a's hold expires just before a's first command.
-    outcomes = await service.apply([
-        env({"type": "consume", "agent_id": "b", "tokens": 1}),
-        env({"type": "get_budget", "agent_id": "a"}),
-        env(reserve("a", 100, ttl=10)),
-    ])
+    outcomes = await service.apply(
+        [
+            env({"type": "consume", "agent_id": "b", "tokens": 1}),
+            env({"type": "get_budget", "agent_id": "a"}),
+            env(reserve("a", 100, ttl=10)),
+        ]
+    )
     assert ok(outcomes[1]).reserved_tokens == 0
     assert ok(outcomes[2]).reserved_tokens == 100
     kinds = [e.kind for e in await history(engine, "a")]
@@ -274,8 +300,12 @@ async def test_a_query_after_the_deadline_records_the_expiry(
     await one(service, reserve("a", 30, ttl=1))
     clock.advance(2)
     assert await service.overdue_agents() == ["a"]
-    assert ok(await one(service, {"type": "expire_reservations", "agent_id": "a"}, None)
-              ).available_tokens == 100
+    assert (
+        ok(
+            await one(service, {"type": "expire_reservations", "agent_id": "a"}, None)
+        ).available_tokens
+        == 100
+    )
     assert await service.overdue_agents() == []
     assert await stored(engine, "a") == (100, 0, 0)
     again = await one(service, {"type": "expire_reservations", "agent_id": "a"}, None)
@@ -307,8 +337,11 @@ async def test_reconcile_recomputes_reserved_tokens_from_the_ledger(
     async with engine.begin() as conn:
         await conn.execute(text("UPDATE budgets SET reserved_tokens = 20"))
     checks = {d.check for d in await reconcile(engine)}
-    assert {"reserved_tokens = sum of ledger", "reserved_tokens = sum of open holds",
-            "balance = last ledger row"} <= checks
+    assert {
+        "reserved_tokens = sum of ledger",
+        "reserved_tokens = sum of open holds",
+        "balance = last ledger row",
+    } <= checks
 
 
 async def test_reconcile_reports_a_hold_closed_behind_the_ledger(
@@ -317,9 +350,9 @@ async def test_reconcile_reports_a_hold_closed_behind_the_ledger(
     await funded(service, "a", 100)
     await one(service, reserve("a", 30))
     async with engine.begin() as conn:
-        await conn.execute(text(
-            "UPDATE reservations SET status = 'released', closed_at = created_at"
-        ))
+        await conn.execute(
+            text("UPDATE reservations SET status = 'released', closed_at = created_at")
+        )
     assert [d.check for d in await reconcile(engine)] == ["reserved_tokens = sum of open holds"]
 
 
@@ -388,14 +421,16 @@ async def run_agent(applier: Any, agent: str, script: list[tuple[Any, ...]]) -> 
         else:
             target, rid = reserve_ids[op[1] % len(reserve_ids)] if reserve_ids else (-1, "none")
             op = (op[0], target, *op[2:])
-            fields = (commit(agent, rid, op[2]) if op[0] == "commit" else release(agent, rid))
+            fields = commit(agent, rid, op[2]) if op[0] == "commit" else release(agent, rid)
         (outcome,) = await applier.apply([env(fields)])
         expected = model.step(index, op)
         if expected is None:
             reply = ok(outcome)
             assert reply.used_tokens is not None and reply.reserved_tokens is not None
-            assert (reply.used_tokens, reply.reserved_tokens) == (model.used,
-                                                                  sum(model.holds.values()))
+            assert (reply.used_tokens, reply.reserved_tokens) == (
+                model.used,
+                sum(model.holds.values()),
+            )
         else:
             assert code(outcome) is expected, (agent, index, op)
         if op[0] == "reserve":
@@ -405,8 +440,9 @@ async def run_agent(applier: Any, agent: str, script: list[tuple[Any, ...]]) -> 
     return model
 
 
-@settings(max_examples=12, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(drawn=scripts)
 async def test_concurrent_agents_never_hold_or_use_more_than_allocated(
     engine: AsyncEngine, database_url: str, drawn: list[list[tuple[Any, ...]]]
@@ -419,10 +455,12 @@ async def test_concurrent_agents_never_hold_or_use_more_than_allocated(
         agents = [f"{tag}-{n}" for n in range(len(drawn))]
         for agent in agents:
             await funded(BudgetService(engine), agent, 100)
-        models = await asyncio.gather(*(
-            run_agent(appliers[n % 2], agent, script)
-            for n, (agent, script) in enumerate(zip(agents, drawn, strict=True))
-        ))
+        models = await asyncio.gather(
+            *(
+                run_agent(appliers[n % 2], agent, script)
+                for n, (agent, script) in enumerate(zip(agents, drawn, strict=True))
+            )
+        )
     finally:
         await shared.close()
         await second.dispose()

@@ -6,19 +6,19 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import select
 
-from schemas import (
+from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
+from tests.db_helpers import reader, wait_until
+from tests.inprocess import running
+from token_budget.schemas import (
     HEADER_DUPLICATE,
     OkReply,
     ThresholdCrossedEvent,
     parse_reply,
 )
-from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
-from tests.db_helpers import reader, wait_until
-from tests.inprocess import running
-from worker.app import Worker
-from worker.audit import history, reconcile
-from worker.settings import Settings
-from worker.tables import outbox, reservations
+from token_budget.worker.app import Worker
+from token_budget.worker.settings import Settings
+from token_budget.worker.store.audit import history, reconcile
+from token_budget.worker.store.tables import outbox, reservations
 
 
 @pytest.fixture
@@ -34,8 +34,9 @@ async def fast_worker(worker_settings: Settings) -> AsyncIterator[Worker]:
 
 async def ask(amqp: Amqp, body: bytes, agent: str, message_id: str | None) -> OkReply:
     reply_to, replies = await amqp.reply_queue()
-    await amqp.publish(Outgoing(body, agent, message_id=message_id, reply_to=reply_to,
-                                correlation_id="ask"))
+    await amqp.publish(
+        Outgoing(body, agent, message_id=message_id, reply_to=reply_to, correlation_id="ask")
+    )
     reply = parse_reply((await replies.reply("ask")).body)
     assert isinstance(reply, OkReply), reply
     return reply
@@ -47,8 +48,9 @@ async def funded(amqp: Amqp, agent: str, tokens: int) -> None:
 
 
 def reserve_body(agent: str, tokens: int, ttl: int) -> bytes:
-    return json.dumps({"type": "reserve", "agent_id": agent, "tokens": tokens,
-                       "ttl_seconds": ttl}).encode()
+    return json.dumps(
+        {"type": "reserve", "agent_id": agent, "tokens": tokens, "ttl_seconds": ttl}
+    ).encode()
 
 
 async def test_a_reserve_published_twice_is_held_once_under_one_reservation_id(
@@ -58,9 +60,15 @@ async def test_a_reserve_published_twice_is_held_once_under_one_reservation_id(
         await funded(amqp, "twice", 100)
         reply_to, replies = await amqp.reply_queue()
         for attempt in ("first", "second"):
-            await amqp.publish(Outgoing(reserve_body("twice", 40, 300), "twice",
-                                        message_id="twice:hold", reply_to=reply_to,
-                                        correlation_id=attempt))
+            await amqp.publish(
+                Outgoing(
+                    reserve_body("twice", 40, 300),
+                    "twice",
+                    message_id="twice:hold",
+                    reply_to=reply_to,
+                    correlation_id=attempt,
+                )
+            )
         first, second = await replies.reply("first"), await replies.reply("second")
     assert second.body == first.body
     assert (second.headers or {}).get(HEADER_DUPLICATE) is True
@@ -79,10 +87,13 @@ async def test_a_reserve_without_ttl_holds_for_the_workers_configured_ttl(
         body = json.dumps({"type": "reserve", "agent_id": "default-ttl", "tokens": 5}).encode()
         held = await ask(amqp, body, "default-ttl", "default-ttl:hold")
     async with reader(database_url) as engine, engine.connect() as conn:
-        row = (await conn.execute(
-            select(reservations.c.created_at, reservations.c.expires_at)
-            .where(reservations.c.reservation_id == held.reservation_id)
-        )).one()
+        row = (
+            await conn.execute(
+                select(reservations.c.created_at, reservations.c.expires_at).where(
+                    reservations.c.reservation_id == held.reservation_id
+                )
+            )
+        ).one()
     assert (row.expires_at - row.created_at).total_seconds() == 7
     assert held.expires_at is not None
 
@@ -98,7 +109,8 @@ async def test_an_abandoned_hold_is_expired_by_the_sweeper_in_the_agents_lane(
                 lambda: history(engine, "idle"), lambda found: len(found) == 3, within=60
             )
             assert [(e.kind, e.message_id) for e in entries] == [
-                ("allocate", "idle:allocate"), ("reserve", "idle:hold"),
+                ("allocate", "idle:allocate"),
+                ("reserve", "idle:hold"),
                 ("expire", f"expire:{held.reservation_id}"),
             ]
             # Nothing but the sweeper's command touched the agent: it came
@@ -126,7 +138,10 @@ async def test_a_threshold_crossing_is_published_once_with_its_event_id(
     assert found[0].message_id == first.event_id
     assert found[0].type == "threshold_crossed"
     assert (first.agent_id, first.threshold, first.allocated_tokens, first.used_tokens) == (
-        "spender", 50, 100, 60,
+        "spender",
+        50,
+        100,
+        60,
     )
     assert first.message_id == "sp:1"
     async with reader(database_url) as engine:

@@ -17,8 +17,15 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from client import BudgetClient
-from schemas import (
+from tests.amqp_helpers import Amqp, Outgoing, ask, command, open_amqp, setup_agent
+from tests.db_helpers import balances, ledger_ids, reader
+from tests.eventually import eventually
+from tests.inprocess import running
+from tests.processes import WorkerProcess
+from tests.support import RabbitAdmin
+from tests.workload import make_workload
+from token_budget.client import BudgetClient
+from token_budget.schemas import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_QUEUE,
     HEADER_ERROR_CODE,
@@ -27,24 +34,17 @@ from schemas import (
     lane_queue_name,
     parse_reply,
 )
-from tests.amqp_helpers import Amqp, Outgoing, ask, command, open_amqp, setup_agent
-from tests.db_helpers import balances, ledger_ids, reader
-from tests.eventually import eventually
-from tests.inprocess import running
-from tests.processes import WorkerProcess
-from tests.support import RabbitAdmin
-from tests.workload import make_workload
-from worker.app import Worker
-from worker.audit import reconcile
-from worker.settings import Settings
-from worker.tables import processed_commands, routing_drains
-from worker.topology import (
+from token_budget.worker.app import Worker
+from token_budget.worker.broker.topology import (
     LEGACY_EXCHANGE_TYPE,
     TopologySpec,
     declare_topology,
     lane_arguments,
     routing_is_stable_on,
 )
+from token_budget.worker.settings import Settings
+from token_budget.worker.store.audit import reconcile
+from token_budget.worker.store.tables import processed_commands, routing_drains
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -76,8 +76,15 @@ async def _landed(amqp: Amqp, partitions: int, count: int) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     ("version", "stable"),
-    [("3.10.8", True), ("3.13.7", True), ("4.1.4", True), ("4.2.0", False), ("4.2.9", False),
-     ("4.3.0", True), ("", True)],
+    [
+        ("3.10.8", True),
+        ("3.13.7", True),
+        ("4.1.4", True),
+        ("4.2.0", False),
+        ("4.2.9", False),
+        ("4.3.0", True),
+        ("", True),
+    ],
 )
 def test_only_rabbitmq_4_2_is_known_to_route_unstably(version: str, stable: bool) -> None:
     assert routing_is_stable_on(version) is stable
@@ -130,8 +137,11 @@ async def test_a_command_published_straight_to_another_lane_is_dead_lettered_not
         await setup_agent(amqp, agent, 100)
         reply_to, replies = await amqp.reply_queue()
         stray = aio_pika.Message(
-            command("consume", agent, 30), message_id="stray-1", reply_to=reply_to,
-            correlation_id="stray", content_type="application/json",
+            command("consume", agent, 30),
+            message_id="stray-1",
+            reply_to=reply_to,
+            correlation_id="stray",
+            content_type="application/json",
         )
         await amqp.channel.default_exchange.publish(stray, routing_key=lane_queue_name(wrong))
         reply = parse_reply((await replies.reply("stray")).body)
@@ -169,14 +179,14 @@ async def test_a_foreign_exchange_routing_an_agent_elsewhere_never_reorders_it(
         for n in range(10):
             body = command("consume", agent, 10)
             if n % 2:
-                await stray.publish(
-                    aio_pika.Message(body, message_id=f"s-{n}"), routing_key=agent
-                )
+                await stray.publish(aio_pika.Message(body, message_id=f"s-{n}"), routing_key=agent)
             else:
                 await amqp.publish(Outgoing(body, agent, message_id=f"c-{n}"))
         after, _ = await ask(amqp, Outgoing(command("get_budget", agent), agent))
         dead = await eventually(
-            lambda: amqp.take_all(DEAD_LETTER_QUEUE), within=30, what="the dead letters",
+            lambda: amqp.take_all(DEAD_LETTER_QUEUE),
+            within=30,
+            what="the dead letters",
             done=lambda found: len(found) == 5,
         )
         await lane.unbind(stray, routing_key=agent)
@@ -186,7 +196,8 @@ async def test_a_foreign_exchange_routing_an_agent_elsewhere_never_reorders_it(
     assert json.loads(after)["used_tokens"] == 50
     async with reader(database_url) as engine:
         assert (await ledger_ids(engine))[agent] == [
-            f"{agent}:allocate", *(f"c-{n}" for n in range(0, 10, 2))
+            f"{agent}:allocate",
+            *(f"c-{n}" for n in range(0, 10, 2)),
         ]
 
 
@@ -227,7 +238,9 @@ async def test_a_legacy_deployment_is_drained_in_order_then_switched(
         first, second = Worker(settings), Worker(settings)
         async with running(first, second):
             await eventually(
-                lambda: _exchange_type(rabbit, vhost), within=90, what="the switch",
+                lambda: _exchange_type(rabbit, vhost),
+                within=90,
+                what="the switch",
                 done=lambda kind: kind == "fanout",
             )
             finals = [(a, f"final-{a}") for a in model.allocated]
@@ -243,7 +256,9 @@ async def test_a_legacy_deployment_is_drained_in_order_then_switched(
                 return collected
 
             replies = await eventually(
-                arrived, within=90, what="every reply",
+                arrived,
+                within=90,
+                what="every reply",
                 done=lambda found: len(found) >= len(model.seen) + len(finals),
             )
         upgrades = [w.upgrade for w in (first, second) if w.upgrade is not None]
@@ -255,7 +270,8 @@ async def test_a_legacy_deployment_is_drained_in_order_then_switched(
     answers = {m.correlation_id: json.loads(m.body) for m in replies}
     for query, (allocated, used) in model.seen.items():
         assert (answers[query]["allocated_tokens"], answers[query]["used_tokens"]) == (
-            allocated, used
+            allocated,
+            used,
         ), query
     for agent, correlation in finals:
         assert (answers[correlation]["allocated_tokens"], answers[correlation]["used_tokens"]) == (
@@ -277,11 +293,13 @@ def _exchange_type(rabbit: RabbitAdmin, vhost: str) -> str:
     return str(found["type"])
 
 
-
 @pytest.mark.slow
 async def test_a_worker_killed_while_draining_the_legacy_routing_is_succeeded_in_order(
-    worker_process: Callable[..., WorkerProcess], amqp_url: str, database_url: str,
-    rabbit: RabbitAdmin, vhost: str,
+    worker_process: Callable[..., WorkerProcess],
+    amqp_url: str,
+    database_url: str,
+    rabbit: RabbitAdmin,
+    vhost: str,
 ) -> None:
     await _declare_legacy(amqp_url, 4, 20)
     rounds, model = make_workload(60, 50, seed=10, queries=False, prefix="drainkill")
@@ -294,18 +312,24 @@ async def test_a_worker_killed_while_draining_the_legacy_routing_is_succeeded_in
         await first.ready()
         async with reader(database_url) as engine:
             await eventually(
-                lambda: _processed(engine), within=60, what="draining under way",
+                lambda: _processed(engine),
+                within=60,
+                what="draining under way",
                 done=lambda n: n >= 300,
             )
             first.kill()
             assert await _processed(engine) < model.state_changing
             second = worker_process(**pool)
             await eventually(
-                lambda: _exchange_type(rabbit, vhost), within=90, what="the switch",
+                lambda: _exchange_type(rabbit, vhost),
+                within=90,
+                what="the switch",
                 done=lambda kind: kind == "fanout",
             )
             await eventually(
-                lambda: _processed(engine), within=60, what="everything applied",
+                lambda: _processed(engine),
+                within=60,
+                what="everything applied",
                 done=lambda n: n >= model.state_changing,
             )
             assert await balances(engine) == model.balances()
@@ -328,7 +352,10 @@ async def _processed(engine: AsyncEngine) -> int:
 
 @sqlite_only
 async def test_a_switch_cut_short_after_every_lane_drained_is_completed_by_the_next_worker(
-    worker_settings: Settings, amqp_url: str, engine: AsyncEngine, rabbit: RabbitAdmin,
+    worker_settings: Settings,
+    amqp_url: str,
+    engine: AsyncEngine,
+    rabbit: RabbitAdmin,
     vhost: str,
 ) -> None:
     # The state a crash leaves between recording the last drain and switching:
@@ -337,16 +364,23 @@ async def test_a_switch_cut_short_after_every_lane_drained_is_completed_by_the_n
     async with engine.begin() as conn:
         await conn.execute(
             insert(routing_drains),
-            [{"partition": p, "worker_id": "gone", "drained_at": 0.0}
-             for p in range(worker_settings.partitions)],
+            [
+                {"partition": p, "worker_id": "gone", "drained_at": 0.0}
+                for p in range(worker_settings.partitions)
+            ],
         )
     async with running(Worker(worker_settings)), BudgetClient.connect(amqp_url, timeout=20) as sdk:
         await eventually(
-            lambda: _exchange_type(rabbit, vhost), within=30, what="the switch",
+            lambda: _exchange_type(rabbit, vhost),
+            within=30,
+            what="the switch",
             done=lambda kind: kind == "fanout",
         )
         await sdk.register_agent("after-the-switch")
         assert await sdk.allocate("after-the-switch", 5) == BudgetView(
-            agent_id="after-the-switch", allocated_tokens=5, used_tokens=0, reserved_tokens=0,
+            agent_id="after-the-switch",
+            allocated_tokens=5,
+            used_tokens=0,
+            reserved_tokens=0,
             available_tokens=5,
         )

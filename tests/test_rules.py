@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from schemas import (
+from token_budget.schemas import (
     MAX_BALANCE,
     MAX_TOKENS,
     Allocate,
@@ -21,8 +21,8 @@ from schemas import (
     OkReply,
     RegisterAgent,
 )
-from worker.errors import BudgetError, InsufficientBudget
-from worker.rules import AgentState, Change, apply_rule
+from token_budget.worker.domain.errors import BudgetError, InsufficientBudget
+from token_budget.worker.domain.rules import AgentState, Change, apply_rule
 
 AGENTS = ("a", "b", "c")
 KINDS = ("register_agent", "allocate", "consume", "get_budget", "get_available")
@@ -66,11 +66,18 @@ class Model:
     def reply(self, agent_id: str) -> dict[str, Any]:
         budget = self.budgets.get(agent_id)
         if budget is None:
-            return {"agent_id": agent_id, "allocated_tokens": None, "used_tokens": None,
-                    "available_tokens": None}
-        return {"agent_id": agent_id, "allocated_tokens": budget["allocated"],
-                "used_tokens": budget["used"],
-                "available_tokens": budget["allocated"] - budget["used"]}
+            return {
+                "agent_id": agent_id,
+                "allocated_tokens": None,
+                "used_tokens": None,
+                "available_tokens": None,
+            }
+        return {
+            "agent_id": agent_id,
+            "allocated_tokens": budget["allocated"],
+            "used_tokens": budget["used"],
+            "available_tokens": budget["allocated"] - budget["used"],
+        }
 
     def apply(self, kind: str, agent_id: str, amount: int) -> tuple[str, Any]:
         """("ok", reply fields) or ("refused", (code, extra details))."""

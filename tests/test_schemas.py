@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas import (
+from token_budget.schemas import (
     AGENT_ID_MAX_LENGTH,
     AGENT_ID_PATTERN,
     MAX_TOKENS,
@@ -144,8 +144,25 @@ def test_a_missing_agent_id_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "raw_tokens",
-    ['"5"', "5.0", "1e3", "1E0", "5.5", "true", "false", "null", "0", "-1", "-0", str(-(2**53)),
-     str(2**53 + 1), str(2**64), "1" + "0" * 400, "[5]", '{"n": 5}'],
+    [
+        '"5"',
+        "5.0",
+        "1e3",
+        "1E0",
+        "5.5",
+        "true",
+        "false",
+        "null",
+        "0",
+        "-1",
+        "-0",
+        str(-(2**53)),
+        str(2**53 + 1),
+        str(2**64),
+        "1" + "0" * 400,
+        "[5]",
+        '{"n": 5}',
+    ],
 )
 @pytest.mark.parametrize("kind", ["allocate", "consume"])
 def test_tokens_outside_the_strict_integer_range_are_refused(kind: str, raw_tokens: str) -> None:
@@ -194,8 +211,16 @@ def test_any_json_float_is_refused_as_tokens(tokens: float) -> None:
 
 @pytest.mark.parametrize(
     "agent_id",
-    ["a", "0", "A", "agent-1", "team.a:worker_7@host-2", "9-lives", "x" * AGENT_ID_MAX_LENGTH,
-     "a" + AGENT_ID_ALPHABET],
+    [
+        "a",
+        "0",
+        "A",
+        "agent-1",
+        "team.a:worker_7@host-2",
+        "9-lives",
+        "x" * AGENT_ID_MAX_LENGTH,
+        "a" + AGENT_ID_ALPHABET,
+    ],
 )
 def test_a_valid_agent_id_is_accepted(agent_id: str) -> None:
     assert parse_command(body(type="register_agent", agent_id=agent_id)).agent_id == agent_id
@@ -210,10 +235,34 @@ def test_an_agent_id_of_128_characters_is_accepted_and_129_refused() -> None:
 
 @pytest.mark.parametrize(
     "agent_id",
-    ["", " ", "a b", " a", "a ", "a\n", "\na", "a\t", "a/b", "a#b", "a*b", "a+b", "a,b",
-     "-a", ".a", "_a", ":a", "@a", "a\x00", "a\u200b",
-     # Letters and digits outside ASCII: é, fullwidth a, Roman twelve, Arabic-Indic one.
-     "é", "agent-é", "\uff41", "\u216b", "\u0661"],
+    [
+        "",
+        " ",
+        "a b",
+        " a",
+        "a ",
+        "a\n",
+        "\na",
+        "a\t",
+        "a/b",
+        "a#b",
+        "a*b",
+        "a+b",
+        "a,b",
+        "-a",
+        ".a",
+        "_a",
+        ":a",
+        "@a",
+        "a\x00",
+        "a\u200b",
+        # Letters and digits outside ASCII: é, fullwidth a, Roman twelve, Arabic-Indic one.
+        "é",
+        "agent-é",
+        "\uff41",
+        "\u216b",
+        "\u0661",
+    ],
 )
 def test_an_agent_id_with_a_bad_character_or_start_is_refused(agent_id: str) -> None:
     errors = refused(body(type="register_agent", agent_id=agent_id)).errors()

@@ -17,7 +17,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import (
+from token_budget.schemas import (
     MAX_BALANCE,
     MAX_TOKENS,
     Allocate,
@@ -32,11 +32,11 @@ from schemas import (
     RegisterAgent,
     parse_command,
 )
-from worker.db import create_engine
-from worker.migrate import current_revision, head_revision, upgrade
-from worker.outcomes import Envelope, Outcome, OutcomeKind
-from worker.service import BudgetService
-from worker.tables import agents, budgets, ledger, processed_commands
+from token_budget.worker.domain.outcomes import Envelope, Outcome, OutcomeKind
+from token_budget.worker.store.db import create_engine
+from token_budget.worker.store.migrate import current_revision, head_revision, upgrade
+from token_budget.worker.store.service import BudgetService
+from token_budget.worker.store.tables import agents, budgets, ledger, processed_commands
 
 
 def register(agent_id: str) -> RegisterAgent:
@@ -66,8 +66,9 @@ def env(command: Command, message_id: str | None = None) -> Envelope:
     return Envelope(command, message_id)
 
 
-async def apply_one(service: BudgetService, command: Command, message_id: str | None = None
-                    ) -> Outcome:
+async def apply_one(
+    service: BudgetService, command: Command, message_id: str | None = None
+) -> Outcome:
     (outcome,) = await service.apply([env(command, message_id)])
     return outcome
 
@@ -93,8 +94,9 @@ async def balance(engine: AsyncEngine, agent_id: str) -> tuple[int, int, int] | 
     async with engine.connect() as conn:
         row = (
             await conn.execute(
-                select(budgets.c.allocated_tokens, budgets.c.used_tokens, budgets.c.ledger_seq)
-                .where(budgets.c.agent_id == agent_id)
+                select(
+                    budgets.c.allocated_tokens, budgets.c.used_tokens, budgets.c.ledger_seq
+                ).where(budgets.c.agent_id == agent_id)
             )
         ).first()
     return None if row is None else (row[0], row[1], row[2])
@@ -103,9 +105,16 @@ async def balance(engine: AsyncEngine, agent_id: str) -> tuple[int, int, int] | 
 async def ledger_rows(engine: AsyncEngine, agent_id: str) -> list[tuple[Any, ...]]:
     async with engine.connect() as conn:
         result = await conn.execute(
-            select(ledger.c.seq, ledger.c.kind, ledger.c.amount, ledger.c.allocated_after,
-                   ledger.c.used_after, ledger.c.message_id)
-            .where(ledger.c.agent_id == agent_id).order_by(ledger.c.seq)
+            select(
+                ledger.c.seq,
+                ledger.c.kind,
+                ledger.c.amount,
+                ledger.c.allocated_after,
+                ledger.c.used_after,
+                ledger.c.message_id,
+            )
+            .where(ledger.c.agent_id == agent_id)
+            .order_by(ledger.c.seq)
         )
         return [tuple(row) for row in result]
 
@@ -168,8 +177,13 @@ async def test_consume_takes_tokens_and_queries_read_them(
     engine: AsyncEngine, service: BudgetService
 ) -> None:
     outcomes = await service.apply(
-        [env(register("a")), env(allocate("a", 100)), env(consume("a", 40)),
-         env(get_budget("a")), env(get_available("a"))]
+        [
+            env(register("a")),
+            env(allocate("a", 100)),
+            env(consume("a", 40)),
+            env(get_budget("a")),
+            env(get_available("a")),
+        ]
     )
     assert view(outcomes[2]) == (100, 40, 60)
     assert [o.kind for o in outcomes[3:]] == [OutcomeKind.QUERY, OutcomeKind.QUERY]
@@ -185,7 +199,9 @@ async def test_consume_beyond_the_available_tokens_is_refused_whole(
     assert outcome.kind is OutcomeKind.REFUSED
     error = error_of(outcome)
     assert (error.code, error.requested_tokens, error.available_tokens) == (
-        ErrorCode.INSUFFICIENT_BUDGET, 7, 6,
+        ErrorCode.INSUFFICIENT_BUDGET,
+        7,
+        6,
     )
     assert await balance(engine, "a") == (10, 4, 2)
     assert len(await ledger_rows(engine, "a")) == 2
@@ -214,7 +230,9 @@ async def test_a_registered_agent_without_budget_is_budget_not_found(
         [env(consume("a", 1)), env(get_budget("a")), env(get_available("a"))]
     )
     assert [o.kind for o in outcomes] == [
-        OutcomeKind.REFUSED, OutcomeKind.QUERY_REFUSED, OutcomeKind.QUERY_REFUSED,
+        OutcomeKind.REFUSED,
+        OutcomeKind.QUERY_REFUSED,
+        OutcomeKind.QUERY_REFUSED,
     ]
     assert {error_of(o).code for o in outcomes} == {ErrorCode.BUDGET_NOT_FOUND}
     assert await balance(engine, "a") is None
@@ -241,9 +259,7 @@ async def test_a_duplicate_in_the_same_batch_returns_the_first_outcome(
     engine: AsyncEngine, service: BudgetService
 ) -> None:
     await service.apply([env(register("a")), env(allocate("a", 10))])
-    first, again = await service.apply(
-        [env(consume("a", 3), "m-1"), env(consume("a", 3), "m-1")]
-    )
+    first, again = await service.apply([env(consume("a", 3), "m-1"), env(consume("a", 3), "m-1")])
     assert first.kind is OutcomeKind.APPLIED
     assert again.kind is OutcomeKind.DUPLICATE
     assert again.body == first.body
@@ -293,9 +309,7 @@ async def test_a_message_id_reused_for_another_command_is_a_conflict(
     engine: AsyncEngine, service: BudgetService
 ) -> None:
     await service.apply([env(register("a")), env(register("b")), env(allocate("a", 10))])
-    _, same_batch = await service.apply(
-        [env(consume("a", 3), "m-1"), env(consume("a", 4), "m-1")]
-    )
+    _, same_batch = await service.apply([env(consume("a", 3), "m-1"), env(consume("a", 4), "m-1")])
     later = await apply_one(service, consume("b", 3), "m-1")
     other_type = await apply_one(service, allocate("a", 3), "m-1")
     for outcome in (same_batch, later, other_type):
@@ -321,9 +335,14 @@ async def test_the_ledger_has_one_row_per_change_numbered_per_agent(
     engine: AsyncEngine, service: BudgetService
 ) -> None:
     history: list[tuple[str, Command]] = [
-        ("r-a", register("a")), ("r-b", register("b")), ("a-1", allocate("a", 10)),
-        ("b-1", allocate("b", 20)), ("a-2", consume("a", 4)), ("x-1", consume("a", 99)),
-        ("b-2", consume("b", 5)), ("a-3", allocate("a", 1)),
+        ("r-a", register("a")),
+        ("r-b", register("b")),
+        ("a-1", allocate("a", 10)),
+        ("b-1", allocate("b", 20)),
+        ("a-2", consume("a", 4)),
+        ("x-1", consume("a", 99)),
+        ("b-2", consume("b", 5)),
+        ("a-3", allocate("a", 1)),
     ]
     await service.apply([env(command, mid) for mid, command in history[:5]])
     await service.apply([env(command, mid) for mid, command in history[5:]])
@@ -344,9 +363,16 @@ async def test_processed_commands_has_one_row_per_state_changing_command(
     engine: AsyncEngine, service: BudgetService
 ) -> None:
     await service.apply(
-        [env(register("a"), "p-1"), env(allocate("a", 5), "p-2"), env(consume("a", 9), "p-3"),
-         env(get_budget("a"), "q-1"), env(get_available("a")), env(allocate("a", 5), "p-2"),
-         env(consume("a", 1), "p-2"), env(consume("ghost", 1), "p-4")]
+        [
+            env(register("a"), "p-1"),
+            env(allocate("a", 5), "p-2"),
+            env(consume("a", 9), "p-3"),
+            env(get_budget("a"), "q-1"),
+            env(get_available("a")),
+            env(allocate("a", 5), "p-2"),
+            env(consume("a", 1), "p-2"),
+            env(consume("ghost", 1), "p-4"),
+        ]
     )
     await apply_one(service, allocate("a", 5), "p-2")
     assert await processed_ids(engine) == ["p-1", "p-2", "p-3", "p-4"]
@@ -368,19 +394,25 @@ async def install_poison_trigger(engine: AsyncEngine) -> None:
     """Make the database itself refuse any ledger row of agent 'poison'."""
     async with engine.begin() as conn:
         if engine.dialect.name == "sqlite":
-            await conn.execute(text(
-                "CREATE TRIGGER poison BEFORE INSERT ON ledger WHEN NEW.agent_id = 'poison' "
-                "BEGIN SELECT RAISE(ABORT, 'poison'); END"
-            ))
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER poison BEFORE INSERT ON ledger WHEN NEW.agent_id = 'poison' "
+                    "BEGIN SELECT RAISE(ABORT, 'poison'); END"
+                )
+            )
             return
-        await conn.execute(text(
-            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'poison'; END $$"
-        ))
-        await conn.execute(text(
-            "CREATE TRIGGER poison BEFORE INSERT ON ledger FOR EACH ROW "
-            "WHEN (NEW.agent_id = 'poison') EXECUTE FUNCTION refuse_poison()"
-        ))
+        await conn.execute(
+            text(
+                "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'poison'; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER poison BEFORE INSERT ON ledger FOR EACH ROW "
+                "WHEN (NEW.agent_id = 'poison') EXECUTE FUNCTION refuse_poison()"
+            )
+        )
 
 
 async def test_a_command_the_database_refuses_is_isolated_from_its_batch(
@@ -390,13 +422,21 @@ async def test_a_command_the_database_refuses_is_isolated_from_its_batch(
     setup += [allocate(a, 100) for a in ("good", "other", "poison")]
     await service.apply([env(c) for c in setup])
     await install_poison_trigger(engine)
-    batch = [env(consume("good", 10)), env(allocate("other", 5)), env(register("new")),
-             env(consume("poison", 7), "m-poison"), env(consume("good", 20)),
-             env(consume("other", 1)), env(get_budget("good"))]
+    batch = [
+        env(consume("good", 10)),
+        env(allocate("other", 5)),
+        env(register("new")),
+        env(consume("poison", 7), "m-poison"),
+        env(consume("good", 20)),
+        env(consume("other", 1)),
+        env(get_budget("good")),
+    ]
     outcomes = await service.apply(batch)
     kinds = [o.kind for o in outcomes]
     assert kinds == [OutcomeKind.APPLIED] * 3 + [OutcomeKind.REJECTED] + [
-        OutcomeKind.APPLIED, OutcomeKind.APPLIED, OutcomeKind.QUERY,
+        OutcomeKind.APPLIED,
+        OutcomeKind.APPLIED,
+        OutcomeKind.QUERY,
     ]
     assert error_of(outcomes[3]).code is ErrorCode.DATABASE_REJECTED
     assert "poison" in error_of(outcomes[3]).message
@@ -459,7 +499,8 @@ async def test_a_batch_delivered_to_two_services_is_applied_once(
         for ours, other in zip(mine, theirs, strict=True):
             assert ours.body == other.body
             assert sorted([ours.kind, other.kind]) == [
-                OutcomeKind.APPLIED, OutcomeKind.DUPLICATE,
+                OutcomeKind.APPLIED,
+                OutcomeKind.DUPLICATE,
             ]
     expected = sum(tokens(e) for batch in batches for e in batch)
     assert await balance(engine, "a") == (10_000, expected, 101)
@@ -518,8 +559,9 @@ async def snapshot(engine: AsyncEngine, prefix: str) -> list[Any]:
     seen = []
     for agent in range(3):
         agent_id = f"{prefix}-{agent}"
-        rows = [(*row[:5], row[5].replace(prefix, "P")) for row in
-                await ledger_rows(engine, agent_id)]
+        rows = [
+            (*row[:5], row[5].replace(prefix, "P")) for row in await ledger_rows(engine, agent_id)
+        ]
         seen.append((await balance(engine, agent_id), rows))
     return seen
 
@@ -534,14 +576,16 @@ async def test_group_commit_changes_nothing_observable(
     service = BudgetService(engine)
     tag = uuid.uuid4().hex[:8]
     batched, single = f"b{tag}", f"s{tag}"
-    cuts = sorted(data.draw(st.sets(st.integers(min_value=1, max_value=len(drawn) - 1)))
-                  if len(drawn) > 1 else set())
+    cuts = sorted(
+        data.draw(st.sets(st.integers(min_value=1, max_value=len(drawn) - 1)))
+        if len(drawn) > 1
+        else set()
+    )
     envelopes = script(batched, drawn)
     in_batches: list[Outcome] = []
     for start, end in zip([0, *cuts], [*cuts, len(drawn)], strict=True):
         in_batches += await service.apply(envelopes[start:end])
-    one_by_one = [await apply_one(service, e.command, e.message_id)
-                  for e in script(single, drawn)]
+    one_by_one = [await apply_one(service, e.command, e.message_id) for e in script(single, drawn)]
     assert [o.kind for o in in_batches] == [o.kind for o in one_by_one]
     assert [o.body.replace(batched.encode(), b"P") for o in in_batches] == [
         o.body.replace(single.encode(), b"P") for o in one_by_one

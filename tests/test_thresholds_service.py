@@ -8,10 +8,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import ThresholdCrossedEvent, parse_command
-from worker.outcomes import Envelope, Fence, OutcomeKind
-from worker.service import BudgetService
-from worker.tables import outbox, partition_leases
+from token_budget.schemas import ThresholdCrossedEvent, parse_command
+from token_budget.worker.domain.outcomes import Envelope, Fence, OutcomeKind
+from token_budget.worker.store.service import BudgetService
+from token_budget.worker.store.tables import outbox, partition_leases
 
 
 def env(fields: dict[str, Any], message_id: str | None = None) -> Envelope:
@@ -49,7 +49,10 @@ async def test_usage_crossing_a_threshold_records_one_event_with_the_change(
     [(key, event)] = await events(engine)
     assert key == "budget.threshold.50"
     assert (event.agent_id, event.threshold, event.allocated_tokens, event.used_tokens) == (
-        "a", 50, 200, 100,
+        "a",
+        50,
+        200,
+        100,
     )
     assert (event.command_type, event.message_id, event.ledger_seq) == ("consume", "at-50", 3)
 
@@ -79,11 +82,20 @@ async def test_holds_cross_no_threshold_and_their_commit_does(
     (held,) = await service.apply([env({"type": "reserve", "agent_id": "a", "tokens": 200})])
     assert await events(engine) == []
     rid = held.reply.reservation_id  # type: ignore[union-attr]
-    await service.apply([env({"type": "commit", "agent_id": "a", "reservation_id": rid,
-                              "tokens": 170}, "the-commit")])
-    assert [(e.threshold, e.command_type, e.message_id, e.reserved_tokens)
-            for _, e in await events(engine)] == [
-        (50, "commit", "the-commit", 0), (80, "commit", "the-commit", 0),
+    await service.apply(
+        [
+            env(
+                {"type": "commit", "agent_id": "a", "reservation_id": rid, "tokens": 170},
+                "the-commit",
+            )
+        ]
+    )
+    assert [
+        (e.threshold, e.command_type, e.message_id, e.reserved_tokens)
+        for _, e in await events(engine)
+    ] == [
+        (50, "commit", "the-commit", 0),
+        (80, "commit", "the-commit", 0),
     ]
 
 

@@ -12,10 +12,10 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from pamqp import encode
 
-from schemas import DEAD_LETTER_QUEUE
 from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
-from worker.app import Worker
-from worker.wire_guard import clean_text, has_invalid_text
+from token_budget.schemas import DEAD_LETTER_QUEUE
+from token_budget.worker.app import Worker
+from token_budget.worker.broker.wire_guard import clean_text, has_invalid_text
 
 BAD = b"\xff\xfeid".decode("utf-8", "surrogateescape")
 

@@ -6,7 +6,11 @@ from urllib.parse import quote
 
 import pytest
 
-from schemas import (
+from tests.amqp_helpers import Amqp, Outgoing, ask, command, open_amqp, setup_agent
+from tests.db_helpers import balances, ledger_ids, reader
+from tests.inprocess import running
+from tests.support import RabbitAdmin
+from token_budget.schemas import (
     DEAD_LETTER_QUEUE,
     DIRECT_REPLY_TO,
     HEADER_DUPLICATE,
@@ -16,13 +20,9 @@ from schemas import (
     lane_queue_name,
     parse_reply,
 )
-from tests.amqp_helpers import Amqp, Outgoing, ask, command, open_amqp, setup_agent
-from tests.db_helpers import balances, ledger_ids, reader
-from tests.inprocess import running
-from tests.support import RabbitAdmin
-from worker.app import Worker
-from worker.settings import Settings
-from worker.topology import PluginMissing, TopologySpec
+from token_budget.worker.app import Worker
+from token_budget.worker.broker.topology import PluginMissing, TopologySpec
+from token_budget.worker.settings import Settings
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -35,8 +35,13 @@ async def test_duplicate_message_id_is_applied_once_and_answered_identically(
         reply_to, replies = await amqp.reply_queue()
         for attempt in ("first", "second"):
             await amqp.publish(
-                Outgoing(command("consume", "dup", 7), "dup", message_id="dup:consume-1",
-                         reply_to=reply_to, correlation_id=attempt)
+                Outgoing(
+                    command("consume", "dup", 7),
+                    "dup",
+                    message_id="dup:consume-1",
+                    reply_to=reply_to,
+                    correlation_id=attempt,
+                )
             )
         first, second = await replies.reply("first"), await replies.reply("second")
 
@@ -107,16 +112,17 @@ async def test_refused_fire_and_forget_command_is_announced_as_an_event(
         await setup_agent(amqp, "quiet", 5)
         # Refused with reply_to: the reply says so, no event.
         await ask(amqp, Outgoing(command("consume", "quiet", 8), "quiet", message_id="q:1"))
-        await amqp.publish(
-            Outgoing(command("consume", "quiet", 9), "quiet", message_id="q:2")
-        )
+        await amqp.publish(Outgoing(command("consume", "quiet", 9), "quiet", message_id="q:2"))
         [event] = await events.wait_count(1)
 
     assert event.routing_key == "budget.refused.insufficient_budget"
     assert event.content_type == "application/json"
     refused = RefusedEvent.model_validate_json(event.body)
     assert (refused.agent_id, refused.command_type, refused.message_id, refused.tokens) == (
-        "quiet", "consume", "q:2", 9
+        "quiet",
+        "consume",
+        "q:2",
+        9,
     )
     assert refused.error.code == "insufficient_budget"
     assert (refused.error.requested_tokens, refused.error.available_tokens) == (9, 5)
@@ -133,8 +139,13 @@ async def test_replies_carry_the_correlation_id_or_else_the_message_id(
         else:
             reply_to, replies = await amqp.reply_queue()
         await amqp.publish(
-            Outgoing(command("register_agent", "r"), "r", message_id="r:1", reply_to=reply_to,
-                     correlation_id="corr-1")
+            Outgoing(
+                command("register_agent", "r"),
+                "r",
+                message_id="r:1",
+                reply_to=reply_to,
+                correlation_id="corr-1",
+            )
         )
         await amqp.publish(
             Outgoing(command("register_agent", "r"), "r", message_id="r:2", reply_to=reply_to)
@@ -161,18 +172,23 @@ async def test_each_agents_commands_apply_in_published_order(
             allocated, used, applied = 600 + 10 * n, 0, [f"{agent}:allocate"]
             plan = [
                 Outgoing(command("register_agent", agent), agent, message_id=f"{agent}:register"),
-                Outgoing(command("allocate", agent, allocated), agent,
-                         message_id=f"{agent}:allocate"),
+                Outgoing(
+                    command("allocate", agent, allocated), agent, message_id=f"{agent}:allocate"
+                ),
             ]
             for i in range(50):
                 tokens, message_id = rng.randint(1, 60), f"{agent}:consume-{i}"
-                plan.append(Outgoing(command("consume", agent, tokens), agent,
-                                     message_id=message_id))
+                plan.append(
+                    Outgoing(command("consume", agent, tokens), agent, message_id=message_id)
+                )
                 if used + tokens <= allocated:
                     used += tokens
                     applied.append(message_id)
-            plan.append(Outgoing(command("get_budget", agent), agent, reply_to=reply_to,
-                                 correlation_id=agent))
+            plan.append(
+                Outgoing(
+                    command("get_budget", agent), agent, reply_to=reply_to, correlation_id=agent
+                )
+            )
             plans[agent], expected[agent] = plan, (allocated, used, applied)
 
         async def publish_interleaved(publisher: Amqp, mine: list[str]) -> None:
@@ -181,8 +197,9 @@ async def test_each_agents_commands_apply_in_published_order(
                     await publisher.publish(plans[agent][step])
 
         # Two publishers, each on its own channel, each agent's commands from one.
-        first, second = await amqp.another_channel(confirms=False), await amqp.another_channel(
-            confirms=False
+        first, second = (
+            await amqp.another_channel(confirms=False),
+            await amqp.another_channel(confirms=False),
         )
         await asyncio.gather(
             publish_interleaved(first, agents[0::2]), publish_interleaved(second, agents[1::2])
@@ -191,8 +208,12 @@ async def test_each_agents_commands_apply_in_published_order(
 
     seen = {m.correlation_id: parse_reply(m.body) for m in replies.messages}
     assert seen == {
-        agent: OkReply(agent_id=agent, allocated_tokens=allocated, used_tokens=used,
-                       available_tokens=allocated - used)
+        agent: OkReply(
+            agent_id=agent,
+            allocated_tokens=allocated,
+            used_tokens=used,
+            available_tokens=allocated - used,
+        )
         for agent, (allocated, used, _) in expected.items()
     }
     async with reader(database_url) as engine:

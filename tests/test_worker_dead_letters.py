@@ -4,14 +4,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from schemas import (
-    DEAD_LETTER_QUEUE,
-    HEADER_ERROR,
-    HEADER_ERROR_CODE,
-    ErrorReply,
-    OkReply,
-    parse_reply,
-)
 from tests.amqp_helpers import (
     NO_MESSAGE_ID,
     Latin1,
@@ -23,8 +15,16 @@ from tests.amqp_helpers import (
 )
 from tests.db_helpers import balances, ledger_ids, processed_ids, reader
 from tests.inprocess import running
-from worker.app import Worker
-from worker.settings import Settings
+from token_budget.schemas import (
+    DEAD_LETTER_QUEUE,
+    HEADER_ERROR,
+    HEADER_ERROR_CODE,
+    ErrorReply,
+    OkReply,
+    parse_reply,
+)
+from token_budget.worker.app import Worker
+from token_budget.worker.settings import Settings
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -51,27 +51,69 @@ def bad_messages(agent: str) -> list[Bad]:
         Bad("non_utf8", consume.decode().encode("utf-16"), "Invalid JSON", agent),
         Bad("json_array", b"[" + consume + b"]", "Input should be an object", agent),
         Bad("unknown_type", command("refund", agent, 1), "'refund'", agent),
-        Bad("missing_type", b'{"agent_id": "%s", "tokens": 1}' % agent.encode(),
-            "discriminator 'type'", agent),
-        Bad("unknown_field", b'{"type": "consume", "agent_id": "%s", "tokens": 1, "model": "x"}'
-            % agent.encode(), "consume.model: Extra inputs are not permitted", agent),
-        Bad("tokens_string", consume.replace(b"1}", b'"1"}'),
-            "consume.tokens: Input should be a valid integer", agent),
-        Bad("tokens_float", consume.replace(b"1}", b"1.0}"),
-            "consume.tokens: Input should be a valid integer", agent),
-        Bad("tokens_bool", consume.replace(b"1}", b"true}"),
-            "consume.tokens: Input should be a valid integer", agent),
+        Bad(
+            "missing_type",
+            b'{"agent_id": "%s", "tokens": 1}' % agent.encode(),
+            "discriminator 'type'",
+            agent,
+        ),
+        Bad(
+            "unknown_field",
+            b'{"type": "consume", "agent_id": "%s", "tokens": 1, "model": "x"}' % agent.encode(),
+            "consume.model: Extra inputs are not permitted",
+            agent,
+        ),
+        Bad(
+            "tokens_string",
+            consume.replace(b"1}", b'"1"}'),
+            "consume.tokens: Input should be a valid integer",
+            agent,
+        ),
+        Bad(
+            "tokens_float",
+            consume.replace(b"1}", b"1.0}"),
+            "consume.tokens: Input should be a valid integer",
+            agent,
+        ),
+        Bad(
+            "tokens_bool",
+            consume.replace(b"1}", b"true}"),
+            "consume.tokens: Input should be a valid integer",
+            agent,
+        ),
         Bad("tokens_zero", command("consume", agent, 0), "greater than or equal to 1", agent),
-        Bad("tokens_over_2_53", command("consume", agent, 2**53 + 1),
-            f"less than or equal to {2**53}", agent),
-        Bad("bad_agent_id", command("consume", "no spaces allowed", 1),
-            "consume.agent_id: String should match pattern", "no spaces allowed"),
-        Bad("no_message_id", consume, "must carry an AMQP message_id", agent,
-            message_id=NO_MESSAGE_ID),
-        Bad("oversized", consume[:-1] + b" " * MAX_BODY + b"}",
-            f"exceeds the limit of {MAX_BODY} bytes", agent),
-        Bad("wrong_content_type", consume, "content_type must be application/json", agent,
-            content_type="text/plain"),
+        Bad(
+            "tokens_over_2_53",
+            command("consume", agent, 2**53 + 1),
+            f"less than or equal to {2**53}",
+            agent,
+        ),
+        Bad(
+            "bad_agent_id",
+            command("consume", "no spaces allowed", 1),
+            "consume.agent_id: String should match pattern",
+            "no spaces allowed",
+        ),
+        Bad(
+            "no_message_id",
+            consume,
+            "must carry an AMQP message_id",
+            agent,
+            message_id=NO_MESSAGE_ID,
+        ),
+        Bad(
+            "oversized",
+            consume[:-1] + b" " * MAX_BODY + b"}",
+            f"exceeds the limit of {MAX_BODY} bytes",
+            agent,
+        ),
+        Bad(
+            "wrong_content_type",
+            consume,
+            "content_type must be application/json",
+            agent,
+            content_type="text/plain",
+        ),
         Bad("routing_key_not_agent", consume, f"must equal agent_id '{agent}'", "someone-else"),
     ]
 
@@ -97,16 +139,24 @@ async def test_invalid_messages_are_dead_lettered_and_answered_while_valid_ones_
                     message_id = f"{agent}:c{n}.{step}"
                     good.append((agent, message_id, n + step + 1))
                     await amqp.publish(
-                        Outgoing(command("consume", agent, n + step + 1), agent,
-                                 message_id=message_id, reply_to=reply_to,
-                                 correlation_id=f"good:{message_id}")
+                        Outgoing(
+                            command("consume", agent, n + step + 1),
+                            agent,
+                            message_id=message_id,
+                            reply_to=reply_to,
+                            correlation_id=f"good:{message_id}",
+                        )
                     )
                     if step == 0:
                         await amqp.publish(
-                            Outgoing(case.body, case.routing_key,
-                                     message_id=case.message_id or f"bad-{case.name}",
-                                     reply_to=reply_to, correlation_id=f"bad:{case.name}",
-                                     content_type=case.content_type)
+                            Outgoing(
+                                case.body,
+                                case.routing_key,
+                                message_id=case.message_id or f"bad-{case.name}",
+                                reply_to=reply_to,
+                                correlation_id=f"bad:{case.name}",
+                                content_type=case.content_type,
+                            )
                         )
             await replies.wait_count(len(bad) + len(good), within=60)
             assert not task.done(), "the worker stopped"
@@ -150,8 +200,7 @@ async def test_invalid_messages_are_dead_lettered_and_answered_while_valid_ones_
             agent: (1000, sum(t for a, _, t in good if a == agent)) for agent in agents
         }
         assert await ledger_ids(engine) == {
-            agent: [f"{agent}:allocate"] + [m for a, m, _ in good if a == agent]
-            for agent in agents
+            agent: [f"{agent}:allocate"] + [m for a, m, _ in good if a == agent] for agent in agents
         }
         setup = {f"{agent}:{kind}" for agent in agents for kind in ("register_agent", "allocate")}
         assert await processed_ids(engine) == setup | {m for _, m, _ in good}
@@ -166,8 +215,14 @@ async def test_dead_letter_keeps_header_bytes_that_are_not_utf8(
         reply_to, replies = await amqp.reply_queue()
         headers = {"x-note": Latin1("caf\xe9"), "x-trace": {"hops": [Latin1("\xff"), 2]}}
         await amqp.publish(
-            Outgoing(b"not json", "h", message_id="h:bad", reply_to=reply_to,
-                     correlation_id="bad", headers=headers)
+            Outgoing(
+                b"not json",
+                "h",
+                message_id="h:bad",
+                reply_to=reply_to,
+                correlation_id="bad",
+                headers=headers,
+            )
         )
         reply = parse_reply((await replies.reply("bad")).body)
         # Answered once that batch is settled: its dead letter is in the queue.

@@ -1,4 +1,4 @@
-"""Real ``python -m worker`` processes: killed, stopped, misconfigured, health-checked."""
+"""Real ``python -m token_budget.worker`` processes: killed, stopped, misconfigured, checked."""
 
 import asyncio
 import json
@@ -12,18 +12,18 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from schemas import HEADER_DUPLICATE
 from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
 from tests.db_helpers import balances, ledger_ids, ledger_size, processed_ids, reader, wait_until
 from tests.eventually import eventually
 from tests.inprocess import running
 from tests.processes import WorkerProcess
 from tests.support import RabbitAdmin
-from worker.app import Worker
-from worker.audit import reconcile
-from worker.exitcodes import ExitCode
-from worker.settings import Settings
-from worker.topology import TopologyError, TopologySpec, declare_topology
+from token_budget.schemas import HEADER_DUPLICATE
+from token_budget.worker.app import Worker
+from token_budget.worker.broker.topology import TopologyError, TopologySpec, declare_topology
+from token_budget.worker.exitcodes import ExitCode
+from token_budget.worker.settings import Settings
+from token_budget.worker.store.audit import reconcile
 
 PARTITIONS = 4
 #: Short pool timings, so that a successor takes a dead worker's partitions soon.
@@ -62,8 +62,7 @@ def consumes(agents: list[str], per_agent: int, seed: int) -> list[tuple[str, st
 
 def as_outgoing(items: list[tuple[str, str, int]], reply_to: str | None = None) -> list[Outgoing]:
     return [
-        Outgoing(command("consume", a, t), a, message_id=m, reply_to=reply_to)
-        for a, m, t in items
+        Outgoing(command("consume", a, t), a, message_id=m, reply_to=reply_to) for a, m, t in items
     ]
 
 
@@ -79,8 +78,10 @@ def applied_so_far(process: WorkerProcess) -> int:
 async def until_applied(process: WorkerProcess, count: int, within: float = 60.0) -> None:
     """Wait until ``process`` has applied ``count`` commands (it is mid-stream)."""
     done = await wait_until(
-        lambda: asyncio.to_thread(applied_so_far, process), lambda n: n >= count,
-        within=within, interval=0.05,
+        lambda: asyncio.to_thread(applied_so_far, process),
+        lambda n: n >= count,
+        within=within,
+        interval=0.05,
     )
     assert done >= count, f"{done} applied in {within}s: {process.tail()}"
 
@@ -139,7 +140,9 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
             while duplicates == 0 and kills < 10:
                 done = await ledger_size(engine)
                 await eventually(
-                    lambda: ledger_size(engine), within=60, what="progress before the kill",
+                    lambda: ledger_size(engine),
+                    within=60,
+                    what="progress before the kill",
                     done=lambda n, d=done: n >= d + 150,
                 )
                 current.kill()
@@ -150,14 +153,18 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
                 # some progress, any it met are counted.
                 mark = await ledger_size(engine)
                 await eventually(
-                    lambda: ledger_size(engine), within=60, what="the successor applying",
+                    lambda: ledger_size(engine),
+                    within=60,
+                    what="the successor applying",
                     done=lambda n, m=mark: n >= min(m + 100, len(agents) + len(sent)),
                 )
                 duplicates = duplicates_applied(current)
             assert duplicates > 0, f"no kill in {kills} hit the commit-to-acknowledgement window"
             # Refused consumes write no ledger row: count the recorded outcomes.
             await eventually(
-                lambda: processed_ids(engine), within=60, what="every outcome recorded",
+                lambda: processed_ids(engine),
+                within=60,
+                what="every outcome recorded",
                 done=lambda ids: len(ids) >= 2 * len(agents) + len(sent),
             )
             assert await stop_gracefully(current) == 0
@@ -219,15 +226,21 @@ async def test_sigterm_exits_cleanly_and_returns_unapplied_commands_to_the_queue
 
 
 async def run_cli(*args: str, within: float = 60.0, **settings: object) -> tuple[int, str]:
-    """``python -m worker ARGS`` with ``BUDGET_*`` settings; exit code and output."""
+    """``python -m token_budget.worker ARGS`` with ``BUDGET_*`` settings; exit code and output."""
     env = {
         **os.environ,
         "BUDGET_LOG_FORMAT": "json",
         **{f"BUDGET_{key.upper()}": str(value) for key, value in settings.items()},
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", *args, env=env, cwd=Path(__file__).parent.parent,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "token_budget.worker",
+        *args,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(), within)
@@ -249,7 +262,8 @@ async def test_check_passes_when_broker_and_database_are_reachable(
 
 async def test_check_fails_when_the_database_is_unreachable(amqp_url: str) -> None:
     code, output = await run_cli(
-        "--check", amqp_url=amqp_url,
+        "--check",
+        amqp_url=amqp_url,
         database_url="postgresql+asyncpg://postgres@127.0.0.1:1/budget",
     )
     assert code == ExitCode.UNREACHABLE, output
@@ -259,7 +273,8 @@ async def test_check_fails_when_the_database_is_unreachable(amqp_url: str) -> No
 
 async def test_check_fails_when_the_broker_is_unreachable(tmp_path: Path) -> None:
     code, output = await run_cli(
-        "--check", amqp_url="amqp://guest:guest@127.0.0.1:1/",
+        "--check",
+        amqp_url="amqp://guest:guest@127.0.0.1:1/",
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
     )
     assert code == ExitCode.UNREACHABLE, output
@@ -269,7 +284,8 @@ async def test_check_fails_when_the_broker_is_unreachable(tmp_path: Path) -> Non
 
 async def test_check_with_an_unknown_host_prints_only_its_own_lines(tmp_path: Path) -> None:
     code, output = await run_cli(
-        "--check", amqp_url="amqp://guest:guest@nosuchhost.invalid/",
+        "--check",
+        amqp_url="amqp://guest:guest@nosuchhost.invalid/",
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
     )
     assert code == ExitCode.UNREACHABLE, output
@@ -278,8 +294,9 @@ async def test_check_with_an_unknown_host_prints_only_its_own_lines(tmp_path: Pa
     assert "ERROR:aiormq" not in output
 
 
-async def test_check_says_a_refused_login_is_refused(rabbit: RabbitAdmin, vhost: str,
-                                                      tmp_path: Path) -> None:
+async def test_check_says_a_refused_login_is_refused(
+    rabbit: RabbitAdmin, vhost: str, tmp_path: Path
+) -> None:
     url = rabbit.amqp_url(vhost).replace("guest:guest@", "guest:not-the-password@")
     code, output = await run_cli(
         "--check", amqp_url=url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"
@@ -306,13 +323,16 @@ async def test_worker_keeps_retrying_an_unreachable_broker(tmp_path: Path) -> No
     # An outage, not a refusal: the worker waits for the broker (here, until killed).
     log = tmp_path / "worker.log"
     process = WorkerProcess(
-        log, amqp_url="amqp://guest:guest@127.0.0.1:1/", retry_max_seconds=0.2,
+        log,
+        amqp_url="amqp://guest:guest@127.0.0.1:1/",
+        retry_max_seconds=0.2,
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
     ).start()
     try:
         await eventually(
             lambda: sum(e.get("event") == "broker_unavailable" for e in process.events()) >= 3,
-            within=60, what="three retries",
+            within=60,
+            what="three retries",
         )
         assert process.proc is not None and process.proc.poll() is None
     finally:
@@ -345,8 +365,10 @@ async def test_worker_exits_1_when_the_broker_holds_another_topology(
     # queue's arguments, so the worker cannot start and says why (TopologyError).
     await declare(amqp_url, delivery_limit=7)
     code, output = await run_cli(
-        amqp_url=amqp_url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
-        partitions=PARTITIONS, delivery_limit=20,
+        amqp_url=amqp_url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}",
+        partitions=PARTITIONS,
+        delivery_limit=20,
     )
     assert code == ExitCode.REFUSED, output
     assert "budget-worker: the broker holds a queue or exchange with other settings" in output

@@ -12,25 +12,13 @@ from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from client.connection import CONNECTION_ERRORS
-from schemas import LaneMap
-
-from . import wire_guard
-from .auth import AuthPolicy
-from .background import Background
-from .backoff import Backoff, pause
-from .committer import GroupCommitter
-from .db import create_engine, retry_while_transient
-from .heartbeat import Tally
-from .lane import Lane, LaneConfig
-from .leases import LeaseStore, recorded_partitions, session_name
-from .logging import get_logger, renders_json
-from .migrate import upgrade
-from .outcomes import Fence
-from .pool import Pool
-from .service import BudgetService
-from .settings import AuthMode, Settings
-from .topology import (
+from token_budget.client.connection import CONNECTION_ERRORS
+from token_budget.schemas import LaneMap
+from token_budget.worker.backoff import Backoff, pause
+from token_budget.worker.broker import wire_guard
+from token_budget.worker.broker.auth import AuthPolicy
+from token_budget.worker.broker.lane import Lane, LaneConfig
+from token_budget.worker.broker.topology import (
     Routing,
     TopologyError,
     TopologySpec,
@@ -38,8 +26,19 @@ from .topology import (
     declare_topology,
     routing_is_stable_on,
 )
-from .upgrade import RoutingUpgrade
-from .urls import redact_url
+from token_budget.worker.domain.outcomes import Fence
+from token_budget.worker.logs import get_logger, renders_json
+from token_budget.worker.pool.pool import Pool
+from token_budget.worker.settings import AuthMode, Settings
+from token_budget.worker.store.committer import GroupCommitter
+from token_budget.worker.store.db import create_engine, retry_while_transient
+from token_budget.worker.store.leases import LeaseStore, recorded_partitions, session_name
+from token_budget.worker.store.migrate import upgrade
+from token_budget.worker.store.service import BudgetService
+from token_budget.worker.tasks.background import Background
+from token_budget.worker.tasks.heartbeat import Tally
+from token_budget.worker.tasks.upgrade import RoutingUpgrade
+from token_budget.worker.urls import redact_url
 
 __all__ = ["BrokerRefused", "Worker", "connect_amqp"]
 

@@ -10,24 +10,25 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy import text
 
-from .app import BrokerRefused, Worker, connect_amqp
-from .db import create_engine, is_transient
-from .exitcodes import EPILOG, ExitCode, UsageParser
-from .logging import configure_logging, get_logger
-from .migrate import current_revision, head_revision, upgrade
-from .settings import Settings
-from .topology import TopologyError
-from .urls import redact_url
+from token_budget.worker.app import BrokerRefused, Worker, connect_amqp
+from token_budget.worker.broker.topology import TopologyError
+from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
+from token_budget.worker.logs import configure_logging, get_logger
+from token_budget.worker.settings import Settings
+from token_budget.worker.store.db import create_engine, is_transient
+from token_budget.worker.store.migrate import current_revision, head_revision, upgrade
+from token_budget.worker.urls import redact_url
 
 __all__ = ["check", "main"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = UsageParser(
         prog="budget-worker",
         description="Apply agents' token-budget commands from RabbitMQ to the database.",

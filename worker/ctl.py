@@ -18,11 +18,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client import BudgetClient, BudgetClientError, BudgetView, CommandRefused, NoWorker
-
-from .exitcodes import EPILOG, ExitCode, UsageParser
-from .settings import Settings
-from .urls import broker_user, redact_url
+from token_budget.client import (
+    BudgetClient,
+    BudgetClientError,
+    BudgetView,
+    CommandRefused,
+    NoWorker,
+)
+from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
+from token_budget.worker.settings import Settings
+from token_budget.worker.urls import broker_user, redact_url
 
 __all__ = ["NoSuchAgent", "build_parser", "main"]
 
@@ -123,13 +128,13 @@ FAILURES = {
 
 
 def _no_database() -> type[Exception]:
-    from .views import NoDatabase
+    from token_budget.worker.store.views import NoDatabase
 
     return NoDatabase
 
 
 def _view_error() -> type[Exception]:
-    from .views import ViewError
+    from token_budget.worker.store.views import ViewError
 
     return ViewError
 
@@ -142,7 +147,7 @@ def _fail(code: ExitCode, message: str) -> int:
 async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str], ExitCode]:
     """The lines to print, and the exit code of a command that ran but failed."""
     if args.command in _DATABASE_COMMANDS:
-        from . import views
+        from token_budget.worker.store import views
 
         url = args.database_url or settings.database_url.get_secret_value()
         if args.command == "list":

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schemas import (
+from token_budget.schemas import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_RESERVATION_TTL_SECONDS,
     MAX_RESERVATION_TTL_SECONDS,

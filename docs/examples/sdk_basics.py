@@ -1,7 +1,7 @@
 import asyncio
 import os
 
-from client import BudgetClient, InsufficientBudgetError
+from token_budget.client import BudgetClient, InsufficientBudgetError
 
 AMQP_URL = os.environ.get("BUDGET_AMQP_URL", "amqp://guest:guest@localhost/")
 

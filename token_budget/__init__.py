@@ -1,0 +1,68 @@
+"""token_budget: token budgets for fleets of AI agents.
+
+``token_budget.client`` is the SDK (the base install), ``token_budget.schemas``
+the wire contract, ``token_budget.worker`` the service (``pip install
+'token-budget[worker]'``). The SDK's main names are re-exported here.
+"""
+
+from token_budget.client import (
+    AgentNotFoundError,
+    BalanceOverflowError,
+    BrokerUnavailable,
+    BudgetClient,
+    BudgetClientError,
+    BudgetNotFoundError,
+    BudgetView,
+    CommandRefused,
+    ConflictError,
+    DatabaseRejectedError,
+    InsufficientBudgetError,
+    InvalidCommandError,
+    InvalidReply,
+    NotDelivered,
+    NoWorker,
+    OkReply,
+    ReplyLost,
+    ReplyQueue,
+    RequestTimeout,
+    Reservation,
+    ReservationClosedError,
+    ReservationNotFoundError,
+    ReservationScope,
+    UnauthorizedError,
+    WrongLaneError,
+    new_message_id,
+    refusal_for,
+    refusal_from_wire,
+)
+
+__all__ = [
+    "AgentNotFoundError",
+    "BalanceOverflowError",
+    "BrokerUnavailable",
+    "BudgetClient",
+    "BudgetClientError",
+    "BudgetNotFoundError",
+    "BudgetView",
+    "CommandRefused",
+    "ConflictError",
+    "DatabaseRejectedError",
+    "InsufficientBudgetError",
+    "InvalidCommandError",
+    "InvalidReply",
+    "NoWorker",
+    "NotDelivered",
+    "OkReply",
+    "ReplyLost",
+    "ReplyQueue",
+    "RequestTimeout",
+    "Reservation",
+    "ReservationClosedError",
+    "ReservationNotFoundError",
+    "ReservationScope",
+    "UnauthorizedError",
+    "WrongLaneError",
+    "new_message_id",
+    "refusal_for",
+    "refusal_from_wire",
+]

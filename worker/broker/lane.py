@@ -1,0 +1,406 @@
+"""A lane: one partition queue, consumed in order and applied in batches.
+
+Deliveries arrive on the lane's own channel (``multiple=True`` acknowledges
+per channel) and wait in an inbox; the loop takes what has arrived, up to
+``batch_max``, applies it in one transaction, publishes replies, events and
+dead letters with confirms, then acknowledges the batch at once. A crash at
+any point leaves the batch unacknowledged, and its redelivery finds the
+processed-command records.
+"""
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from token_budget.client.connection import is_open
+from token_budget.schemas import ErrorBody, ErrorCode, ErrorReply, LaneMap, encode_reply
+from token_budget.worker.backoff import Backoff, pause
+from token_budget.worker.broker.acks import Disposition, settle, settle_failure
+from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
+from token_budget.worker.broker.decode import Invalid, decode
+from token_budget.worker.broker.publisher import DRAIN_MARKER, Publisher
+from token_budget.worker.broker.wire_guard import clean_text, has_invalid_text
+from token_budget.worker.domain.outcomes import (
+    CommandApplier,
+    Envelope,
+    Fence,
+    Fenced,
+    Outcome,
+    OutcomeKind,
+)
+from token_budget.worker.tasks.heartbeat import Tally
+
+__all__ = ["DrainListener", "Lane", "LaneConfig"]
+
+_STOP: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class LaneConfig:
+    prefetch: int
+    batch_max: int
+    max_body_bytes: int
+    retry_max_seconds: float
+    retry_initial_seconds: float = 0.05
+    #: Add each command's [message_id, agent, type, tokens, outcome] to
+    #: ``batch_applied``; without it the line only summarises the batch.
+    log_ops: bool = True
+    #: Counts settled commands for the worker's heartbeat line.
+    tally: Tally | None = None
+    #: Checked per command before its batch reaches the database.
+    auth: AuthPolicy = field(default_factory=AuthPolicy)
+    #: Which lane each agent belongs to; None only for tools and tests that
+    #: consume lanes of their own.
+    lanes: LaneMap | None = None
+
+
+class DrainListener(Protocol):
+    """The routing upgrade, as a lane draining the legacy routing sees it
+    (worker/upgrade.py)."""
+
+    async def is_drained(self, partition: int) -> bool: ...
+
+    async def drained(self, partition: int) -> None: ...
+
+
+class _Stopping(Exception):
+    """Stop was requested while the batch in hand could not be committed."""
+
+
+class Lane:
+    def __init__(
+        self,
+        index: int,
+        queue_name: str,
+        connection: AbstractConnection,
+        applier: CommandApplier,
+        config: LaneConfig,
+        log: Any,
+        fence: Fence | None = None,
+        draining: DrainListener | None = None,
+    ) -> None:
+        self.index = index
+        #: The lease this lane runs under; None only outside a pool (tests, tools).
+        self.fence = fence
+        self.queue_name = queue_name
+        self._connection = connection
+        self._applier = applier
+        self._config = config
+        self._log = log.bind(lane=index)
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        #: Set while this lane drains what the legacy exchange routed: no lane
+        #: guard (the old ring placed those commands), and a marker to find
+        #: the end of them.
+        self._draining = draining
+        self._marker: str | None = None
+        #: Deliveries dead-lettered because they belong to another lane.
+        self.misrouted = 0
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then close: the rest goes back to the broker."""
+        self._stopping = True
+        self._wake.set()
+        self._inbox.put_nowait(_STOP)
+
+    async def run(self) -> None:
+        """Serve until stopped or the connection is gone; restart after failures."""
+        backoff = Backoff(self._config.retry_initial_seconds, self._config.retry_max_seconds)
+        while not self._stopping and is_open(self._connection):
+            try:
+                await self._serve()
+                backoff.reset()
+            except Fenced as error:
+                # Another worker owns the partition now; the batch was not
+                # committed and went back to the broker with the channel.
+                self._log.warning("lane_fenced", reason=str(error))
+                return
+            except Exception as error:
+                if self._stopping or not is_open(self._connection):
+                    break
+                delay = backoff.next()
+                self._log.error("lane_failed", error=repr(error), retry_in_s=delay)
+                await self._pause(delay)
+
+    async def _serve(self) -> None:
+        channel = await self._connection.channel(publisher_confirms=False)
+        publisher = await Publisher.open(self._connection, channel)
+        try:
+            await channel.set_qos(prefetch_count=self._config.prefetch)
+            queue = await channel.get_queue(self.queue_name, ensure=False)
+            self._inbox = asyncio.Queue()
+            if self._stopping:
+                return
+            await queue.consume(self._on_message, no_ack=False)
+            self._log.debug("lane_consuming", queue=self.queue_name)
+            await self._start_drain(publisher)
+            while not self._stopping:
+                batch = await self._take()
+                if batch:
+                    await self._process(batch, publisher)
+        finally:
+            # Closing (not cancelling first) returns every unacknowledged
+            # delivery at once, so the next consumer starts where we stopped.
+            await _close(publisher.channel)
+            await _close(channel)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message)
+
+    async def _take(self) -> list[AbstractIncomingMessage]:
+        first = await self._inbox.get()
+        if first is _STOP:
+            return []
+        batch = [first]
+        while len(batch) < self._config.batch_max:
+            try:
+                item = self._inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if item is _STOP:
+                break
+            batch.append(item)
+        # Callbacks are started in delivery order; sorting by tag makes it so.
+        batch.sort(key=lambda message: message.delivery_tag or 0)
+        return batch
+
+    async def _start_drain(self, publisher: Publisher) -> None:
+        """In draining mode, put a marker of our own behind everything queued."""
+        if self._draining is None:
+            return
+        if await self._draining.is_drained(self.index):
+            self._draining = None
+            return
+        self._marker = uuid.uuid4().hex
+        await publisher.drain_marker(self.queue_name, self._marker)
+        self._log.info("lane_draining", queue=self.queue_name)
+
+    async def _process(self, batch: list[AbstractIncomingMessage], publisher: Publisher) -> None:
+        drained = False
+        # The batch's last delivery: one acknowledgement covers it and all before.
+        last = batch[-1]
+        if self._draining is not None:
+            batch, drained = self._take_markers(batch)
+            if not batch:
+                await last.ack(multiple=True)
+                return await self._drained(drained)
+        started = time.perf_counter()
+        decoded = [self._decode(message) for message in batch]
+        # An unauthorized command never reaches the database: nothing of it is
+        # recorded, so nobody can burn another agent's message_id.
+        refused = [
+            self._authorize(message, item) for message, item in zip(batch, decoded, strict=True)
+        ]
+        envelopes = [
+            item
+            for item, refusal in zip(decoded, refused, strict=True)
+            if isinstance(item, Envelope) and refusal is None
+        ]
+        outcomes = iter(await self._apply(envelopes))
+        results: list[Outcome | Invalid] = [
+            item if isinstance(item, Invalid) else refusal if refusal else next(outcomes)
+            for item, refusal in zip(decoded, refused, strict=True)
+        ]
+        pending = []
+        for message, item, result in zip(batch, decoded, results, strict=True):
+            settlement = settle(result, has_reply_to=_can_reply(message))
+            if settlement.disposition is Disposition.DEAD_LETTER:
+                pending.append(
+                    publisher.dead_letter(
+                        message,
+                        code=str(settlement.error_code),
+                        reason=settlement.reason or "",
+                        lane=self.index,
+                    )
+                )
+            if _can_reply(message):
+                duplicate = isinstance(result, Outcome) and result.kind is OutcomeKind.DUPLICATE
+                pending.append(publisher.reply(message, _body(result), duplicate=duplicate))
+            if settlement.event and isinstance(item, Envelope) and isinstance(result, Outcome):
+                assert isinstance(result.reply, ErrorReply)
+                pending.append(publisher.refused(item.command, item.message_id, result.reply))
+        await asyncio.gather(*pending)
+        await last.ack(multiple=True)
+        self._log_batch(batch, decoded, results, time.perf_counter() - started)
+        await self._drained(drained)
+
+    def _take_markers(
+        self, batch: list[AbstractIncomingMessage]
+    ) -> tuple[list[AbstractIncomingMessage], bool]:
+        """The batch without drain markers; True if ours is among them.
+
+        A marker of a former owner of this lane (which died draining) is
+        acknowledged with the batch and logged: only our own marks the end.
+        """
+        kept: list[AbstractIncomingMessage] = []
+        ours = False
+        for message in batch:
+            marker = (message.headers or {}).get(DRAIN_MARKER)
+            if marker is None:
+                kept.append(message)
+            elif marker == self._marker:
+                ours = True
+            else:
+                self._log.info("drain_marker_stale", marker=clean_text(str(marker)))
+        return kept, ours
+
+    async def _drained(self, drained: bool) -> None:
+        if not drained or self._draining is None:
+            return
+        # Everything the legacy exchange put on this lane is applied and
+        # acknowledged: from here on only stable routing feeds it.
+        await self._draining.drained(self.index)
+        self._draining = None
+        self._log.info("lane_drained", queue=self.queue_name)
+
+    def _decode(self, message: AbstractIncomingMessage) -> Envelope | Invalid:
+        for name in _TEXT_PROPERTIES:
+            if has_invalid_text(getattr(message, name)):
+                return Invalid(f"property {name} is not valid UTF-8")
+        item = decode(
+            message.body,
+            routing_key=message.routing_key,
+            message_id=message.message_id,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            max_body_bytes=self._config.max_body_bytes,
+        )
+        lanes = self._config.lanes
+        if isinstance(item, Envelope) and lanes is not None and self._draining is None:
+            home = lanes.index_of(item.command.agent_id)
+            if home != self.index:
+                # Applying it here could overtake the agent's commands queued
+                # on its own lane: never out of order, so never applied.
+                self.misrouted += 1
+                self._log.warning(
+                    "command_misrouted",
+                    agent=item.command.agent_id,
+                    message_id=clean_text(message.message_id),
+                    home_lane=home,
+                )
+                return Invalid(
+                    f"agent {item.command.agent_id!r} belongs to lane {home}, not lane "
+                    f"{self.index}: publish to budget.commands, never to a lane queue",
+                    code=ErrorCode.WRONG_LANE,
+                )
+        return item
+
+    def _authorize(
+        self, message: AbstractIncomingMessage, item: Envelope | Invalid
+    ) -> Outcome | None:
+        if not isinstance(item, Envelope):
+            return None
+        error = authorize(item.command, message.user_id, self._config.auth)
+        if error is None:
+            return None
+        self._log.warning(
+            "command_unauthorized",
+            message_id=clean_text(message.message_id),
+            user_id=clean_text(message.user_id),
+            agent=item.command.agent_id,
+            type=item.command.command_type.value,
+        )
+        return unauthorized_outcome(error)
+
+    async def _apply(self, envelopes: list[Envelope]) -> list[Outcome]:
+        backoff = Backoff(self._config.retry_initial_seconds, self._config.retry_max_seconds)
+        while True:
+            try:
+                return await self._applier.apply(envelopes, self.fence)
+            except Exception as error:
+                if settle_failure(error) is not Disposition.RETRY:
+                    raise
+                delay = backoff.next()
+                self._log.warning("storage_unavailable", error=str(error), retry_in_s=delay)
+                await self._pause(delay)
+                if self._stopping:
+                    raise _Stopping() from error
+
+    async def _pause(self, seconds: float) -> None:
+        await pause(seconds, self._wake)
+
+    def _log_batch(
+        self,
+        batch: list[AbstractIncomingMessage],
+        decoded: list[Envelope | Invalid],
+        results: list[Outcome | Invalid],
+        seconds: float,
+    ) -> None:
+        # One line per batch: a summary people can read, and (``log_ops``)
+        # every operation as a compact [message_id, agent, type, tokens,
+        # outcome]: a line per command would cost more than applying it.
+        ops = []
+        agents = set()
+        counts: dict[str, int] = {}
+        log_ops = self._config.log_ops
+        for message, item, result in zip(batch, decoded, results, strict=True):
+            if isinstance(result, Invalid):
+                kind = outcome = "dead_lettered"
+                self._log.warning(
+                    "command_dead_lettered", message_id=message.message_id, reason=result.reason
+                )
+            else:
+                kind = outcome = result.kind.value
+                if not result.reply.ok:
+                    outcome = f"{kind}:{result.reply.error.code}"
+            counts[kind] = counts.get(kind, 0) + 1
+            if isinstance(item, Envelope):
+                agents.add(item.command.agent_id)
+            if log_ops and isinstance(item, Envelope):
+                command = item.command
+                tokens = getattr(command, "tokens", None)
+                ops.append((item.message_id, command.agent_id, command.type, tokens, outcome))
+        if self._config.tally is not None:
+            self._config.tally.add(len(batch))
+        summary: dict[str, Any] = {
+            "size": len(batch),
+            "agents": len(agents),
+            "outcomes": counts,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        if log_ops:
+            summary["ops"] = ops
+        self._log.info("batch_applied", **summary)
+
+
+_TEXT_PROPERTIES = (
+    "routing_key",
+    "message_id",
+    "correlation_id",
+    "reply_to",
+    "content_type",
+    "content_encoding",
+    "type",
+    "app_id",
+    "headers",
+)
+
+
+def _can_reply(message: AbstractIncomingMessage) -> bool:
+    return bool(message.reply_to) and not has_invalid_text(message.reply_to)
+
+
+def _body(result: Outcome | Invalid) -> bytes:
+    if isinstance(result, Outcome):
+        return result.body
+    return encode_reply(
+        ErrorReply(
+            error=ErrorBody(
+                code=result.code,
+                message=result.reason,
+                errors=list(result.issues) or None,
+            )
+        )
+    )
+
+
+async def _close(channel: AbstractChannel) -> None:
+    with contextlib.suppress(Exception):
+        if not channel.is_closed:
+            await channel.close()

@@ -1,0 +1,245 @@
+"""The books, read back: an agent's ledger, and a reconciliation of every balance.
+
+Both only read. ``reconcile`` does its sums in the database (GROUP BY), so it
+costs one pass over the ledger whatever the number of agents, plus one over
+the open reservations.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from token_budget.worker.store.tables import budgets, ledger, processed_commands, reservations
+
+__all__ = ["COMMAND_KINDS", "KIND_EFFECTS", "Discrepancy", "LedgerEntry", "history", "reconcile"]
+
+#: How each kind of ledger row moves a balance: (allocated, used, reserved) per
+#: token of its amount. A commit writes two rows: ``settle`` ends the hold
+#: (its full amount), ``commit`` adds what was really used (if anything).
+KIND_EFFECTS: dict[str, tuple[int, int, int]] = {
+    "allocate": (1, 0, 0),
+    "consume": (0, 1, 0),
+    "reserve": (0, 0, 1),
+    "release": (0, 0, -1),
+    "expire": (0, 0, -1),
+    "settle": (0, 0, -1),
+    "commit": (0, 1, 0),
+}
+#: Kinds written by a recorded command; ``expire`` rows are the worker's own,
+#: with the message_id ``expire:<reservation_id>``, and are checked against
+#: the reservation instead.
+COMMAND_KINDS = frozenset(KIND_EFFECTS) - {"expire"}
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    seq: int
+    kind: str
+    amount: int
+    message_id: str
+    allocated_after: int
+    used_after: int
+    created_at: datetime
+    reserved_after: int = 0
+    reservation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Discrepancy:
+    agent_id: str
+    check: str
+    expected: Any
+    actual: Any
+
+    def __str__(self) -> str:
+        return f"{self.agent_id}: {self.check}: expected {self.expected}, found {self.actual}"
+
+
+async def history(
+    engine: AsyncEngine, agent_id: str, *, limit: int | None = None
+) -> list[LedgerEntry]:
+    """The agent's ledger in the order it was applied (oldest first)."""
+    query = (
+        select(
+            ledger.c.seq,
+            ledger.c.kind,
+            ledger.c.amount,
+            ledger.c.message_id,
+            ledger.c.allocated_after,
+            ledger.c.used_after,
+            ledger.c.created_at,
+            ledger.c.reserved_after,
+            ledger.c.reservation_id,
+        )
+        .where(ledger.c.agent_id == agent_id)
+        .order_by(ledger.c.seq)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    async with engine.connect() as conn:
+        return [LedgerEntry(*row) for row in await conn.execute(query)]
+
+
+def _sum_effect(column: int) -> ColumnElement[Any]:
+    whens = [
+        (ledger.c.kind == kind, ledger.c.amount * effect[column])
+        for kind, effect in KIND_EFFECTS.items()
+        if effect[column]
+    ]
+    return func.coalesce(func.sum(case(*whens, else_=literal(0))), 0)
+
+
+async def reconcile(engine: AsyncEngine) -> list[Discrepancy]:
+    """Every way the balances and the ledger disagree; empty when the books are exact."""
+    found: list[Discrepancy] = []
+    allocated_sum = _sum_effect(0).label("allocated_sum")
+    used_sum = _sum_effect(1).label("used_sum")
+    reserved_sum = _sum_effect(2).label("reserved_sum")
+    rows = func.count(ledger.c.seq).label("rows")
+    last = func.coalesce(func.max(ledger.c.seq), 0).label("last")
+    totals = (
+        select(budgets.c.agent_id, allocated_sum, used_sum, reserved_sum, rows, last)
+        .select_from(budgets.outerjoin(ledger, ledger.c.agent_id == budgets.c.agent_id))
+        .group_by(budgets.c.agent_id)
+        .subquery()
+    )
+    mismatched = (
+        select(
+            budgets.c.agent_id,
+            budgets.c.allocated_tokens,
+            budgets.c.used_tokens,
+            budgets.c.reserved_tokens,
+            budgets.c.ledger_seq,
+            totals.c.allocated_sum,
+            totals.c.used_sum,
+            totals.c.reserved_sum,
+            totals.c.rows,
+            totals.c.last,
+        )
+        .join(totals, totals.c.agent_id == budgets.c.agent_id)
+        .where(
+            or_(
+                budgets.c.allocated_tokens != totals.c.allocated_sum,
+                budgets.c.used_tokens != totals.c.used_sum,
+                budgets.c.reserved_tokens != totals.c.reserved_sum,
+                budgets.c.ledger_seq != totals.c.last,
+                totals.c.rows != totals.c.last,
+                budgets.c.used_tokens < 0,
+                budgets.c.reserved_tokens < 0,
+                budgets.c.used_tokens + budgets.c.reserved_tokens > budgets.c.allocated_tokens,
+            )
+        )
+        .order_by(budgets.c.agent_id)
+    )
+    last_rows = (
+        select(
+            budgets.c.agent_id,
+            ledger.c.allocated_after,
+            ledger.c.used_after,
+            ledger.c.reserved_after,
+        )
+        .join(
+            ledger,
+            and_(ledger.c.agent_id == budgets.c.agent_id, ledger.c.seq == budgets.c.ledger_seq),
+        )
+        .where(
+            or_(
+                ledger.c.allocated_after != budgets.c.allocated_tokens,
+                ledger.c.used_after != budgets.c.used_tokens,
+                ledger.c.reserved_after != budgets.c.reserved_tokens,
+            )
+        )
+    )
+    orphans = (
+        select(ledger.c.agent_id, func.count())
+        .select_from(ledger.outerjoin(budgets, budgets.c.agent_id == ledger.c.agent_id))
+        .where(budgets.c.agent_id.is_(None))
+        .group_by(ledger.c.agent_id)
+    )
+    unrecorded = (
+        select(ledger.c.agent_id, ledger.c.seq, ledger.c.message_id)
+        .select_from(
+            ledger.outerjoin(
+                processed_commands, processed_commands.c.message_id == ledger.c.message_id
+            )
+        )
+        .where(processed_commands.c.message_id.is_(None))
+        .where(ledger.c.kind.in_(sorted(COMMAND_KINDS)))
+        .order_by(ledger.c.agent_id, ledger.c.seq)
+    )
+    held = (
+        select(reservations.c.agent_id, func.sum(reservations.c.tokens).label("held"))
+        .where(reservations.c.status == "open")
+        .group_by(reservations.c.agent_id)
+        .subquery()
+    )
+    holds_disagree = (
+        select(budgets.c.agent_id, func.coalesce(held.c.held, 0), budgets.c.reserved_tokens)
+        .select_from(budgets.outerjoin(held, held.c.agent_id == budgets.c.agent_id))
+        .where(func.coalesce(held.c.held, 0) != budgets.c.reserved_tokens)
+        .order_by(budgets.c.agent_id)
+    )
+    # An expiry row names a reservation that did expire, and by that very row.
+    expired = and_(
+        reservations.c.reservation_id == ledger.c.reservation_id,
+        reservations.c.status == "expired",
+        reservations.c.closed_by == ledger.c.message_id,
+    )
+    stray_expiries = (
+        select(ledger.c.agent_id, ledger.c.seq, ledger.c.reservation_id)
+        .select_from(ledger.outerjoin(reservations, expired))
+        .where(ledger.c.kind == "expire")
+        .where(reservations.c.reservation_id.is_(None))
+        .order_by(ledger.c.agent_id, ledger.c.seq)
+    )
+    async with engine.connect() as conn:
+        for row in await conn.execute(mismatched):
+            found.extend(_balance_discrepancies(tuple(row)))
+        for agent, alloc_after, used_after, reserved_after in await conn.execute(last_rows):
+            found.append(
+                Discrepancy(
+                    agent,
+                    "balance = last ledger row",
+                    (alloc_after, used_after, reserved_after),
+                    "other",
+                )
+            )
+        for agent, count in await conn.execute(orphans):
+            found.append(Discrepancy(agent, "ledger rows have a budget", 0, count))
+        for agent, seq, message_id in await conn.execute(unrecorded):
+            found.append(
+                Discrepancy(agent, f"ledger row {seq} has a processed command", message_id, None)
+            )
+        for agent, holding, reserved in await conn.execute(holds_disagree):
+            found.append(
+                Discrepancy(agent, "reserved_tokens = sum of open holds", holding, reserved)
+            )
+        for agent, seq, reservation_id in await conn.execute(stray_expiries):
+            check = f"ledger row {seq} expires an expired hold"
+            found.append(Discrepancy(agent, check, reservation_id, None))
+    return found
+
+
+def _balance_discrepancies(row: tuple[Any, ...]) -> list[Discrepancy]:
+    agent, alloc, used, reserved, seq, alloc_sum, used_sum, reserved_sum, count, top = row
+    found = []
+    if alloc != alloc_sum:
+        found.append(Discrepancy(agent, "allocated_tokens = sum of ledger", alloc_sum, alloc))
+    if used != used_sum:
+        found.append(Discrepancy(agent, "used_tokens = sum of ledger", used_sum, used))
+    if reserved != reserved_sum:
+        found.append(Discrepancy(agent, "reserved_tokens = sum of ledger", reserved_sum, reserved))
+    if seq != top:
+        found.append(Discrepancy(agent, "ledger_seq = last ledger row", top, seq))
+    if count != top:
+        found.append(Discrepancy(agent, "ledger rows numbered 1..n", top, count))
+    if not 0 <= used <= alloc:
+        found.append(Discrepancy(agent, "0 <= used <= allocated", f"<= {alloc}", used))
+    if reserved < 0 or used + reserved > alloc:
+        found.append(
+            Discrepancy(agent, "0 <= used + reserved <= allocated", f"<= {alloc}", used + reserved)
+        )
+    return found

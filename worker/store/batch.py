@@ -1,0 +1,257 @@
+"""One transaction's work: load a batch's agents, run the rules, write the results.
+
+Everything here runs inside a transaction the caller opened; nothing commits.
+The SQL is in ``batch_store``: a handful of reads for the whole batch, then
+one ``executemany`` per table.
+"""
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from token_budget.schemas import (
+    DEFAULT_RESERVATION_TTL_SECONDS,
+    Command,
+    CommandType,
+    Commit,
+    ErrorReply,
+    Release,
+    ThresholdCrossedEvent,
+    encode_reply,
+    parse_reply,
+    threshold_routing_key,
+)
+from token_budget.worker.domain.errors import BudgetError, Conflict
+from token_budget.worker.domain.outcomes import Envelope, Fence, Outcome, OutcomeKind
+from token_budget.worker.domain.reservations import expire_due
+from token_budget.worker.domain.rules import apply_rule
+from token_budget.worker.domain.state import AgentState, Crossing, RuleContext
+from token_budget.worker.store.batch_store import (
+    StaleState,
+    Written,
+    load_holds,
+    load_processed,
+    load_states,
+    write,
+)
+from token_budget.worker.store.tables import partition_leases
+
+__all__ = [
+    "Applied",
+    "StaleState",
+    "apply_in_transaction",
+    "event_id_for",
+    "fence_holds",
+    "fingerprint",
+]
+
+#: Event ids are UUIDv5 of (agent, ledger seq, threshold) in this namespace:
+#: one crossing, one id, however often it is published.
+_EVENTS = uuid.UUID("6a0f7f0e-3c55-4f57-9d2e-2f4b8f1f8d11")
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What a transaction did: one outcome per item, and the events it recorded."""
+
+    outcomes: list[Outcome]
+    events: int = 0
+    #: Agents whose state this transaction writes.
+    written: frozenset[str] = frozenset()
+
+
+def fingerprint(command: Command) -> str:
+    """Identity of a command's content, independent of key order and spacing.
+
+    The validated model serializes its fields in its own declared order, so
+    two bodies that parse to the same command give the same bytes.
+    """
+    return hashlib.sha256(command.model_dump_json().encode()).hexdigest()
+
+
+def event_id_for(agent_id: str, seq: int, threshold: int) -> str:
+    return str(uuid.uuid5(_EVENTS, f"{agent_id}\x00{seq}\x00{threshold}"))
+
+
+async def apply_in_transaction(
+    conn: AsyncConnection,
+    items: Sequence[tuple[Envelope, Fence | None]],
+    *,
+    now: datetime,
+    lock_rows: bool,
+    default_ttl: int = DEFAULT_RESERVATION_TTL_SECONDS,
+) -> Applied:
+    """Apply ``items`` in order inside the caller's transaction; write the results.
+
+    The balances and holds of the agents involved are read once (under a
+    lock), the rules run in memory in delivery order, and what changed is
+    written back with one ``executemany`` per table. Before each command, the
+    agent's holds whose deadline is ``now`` or earlier expire: expiry takes
+    its place in the agent's own order of commands.
+    """
+    agent_ids = sorted({envelope.command.agent_id for envelope, _ in items})
+    states = await load_states(conn, agent_ids, lock_rows=lock_rows)
+    referenced = {
+        e.command.reservation_id for e, _ in items if isinstance(e.command, Commit | Release)
+    }
+    await load_holds(conn, states, referenced)
+    seen = await load_processed(
+        conn,
+        [e.message_id for e, _ in items if e.message_id is not None and e.command.changes_state],
+    )
+    outcomes: list[Outcome] = []
+    rows: Written = {"ledger": [], "processed": [], "outbox": []}
+    for envelope, fence in items:
+        command = envelope.command
+        state = states[command.agent_id]
+        marks = len(state.changes), len(state.crossings)
+        expire_due(state, now)
+        ctx = RuleContext(now, envelope.message_id, default_ttl)
+        if not command.changes_state:
+            outcomes.append(_query(state, command, ctx))
+        else:
+            outcomes.append(_change(state, envelope, ctx, seen, rows["processed"]))
+        _collect(state, envelope, fence, marks, now, rows)
+    await write(conn, states.values(), rows, now)
+    written = frozenset(a for a, state in states.items() if state.dirty or state.new_agent)
+    return Applied(outcomes, len(rows["outbox"]), written)
+
+
+def _change(
+    state: AgentState,
+    envelope: Envelope,
+    ctx: RuleContext,
+    seen: dict[str, tuple[str, bytes]],
+    processed: list[dict[str, Any]],
+) -> Outcome:
+    command, message_id = envelope.command, envelope.message_id
+    if message_id is None:  # the lane refuses these before they get here
+        raise ValueError("a state-changing command needs a message_id")
+    print_ = fingerprint(command)
+    prior = seen.get(message_id)
+    if prior is not None:
+        return _replay(prior, print_, message_id)
+    try:
+        reply, _ = apply_rule(state, command, ctx)
+    except BudgetError as refusal:
+        error_reply = ErrorReply(error=refusal.to_body())
+        outcome = Outcome(OutcomeKind.REFUSED, error_reply, encode_reply(error_reply))
+    else:
+        outcome = Outcome(OutcomeKind.APPLIED, reply, encode_reply(reply))
+    seen[message_id] = (print_, outcome.body)
+    processed.append(
+        {
+            "message_id": message_id,
+            "agent_id": command.agent_id,
+            "command_type": command.command_type.value,
+            "fingerprint": print_,
+            "reply": outcome.body.decode(),
+            "created_at": ctx.now,
+        }
+    )
+    return outcome
+
+
+def _collect(
+    state: AgentState,
+    envelope: Envelope,
+    fence: Fence | None,
+    marks: tuple[int, int],
+    now: datetime,
+    rows: Written,
+) -> None:
+    """The ledger and outbox rows of what this command (and expiry before it) changed."""
+    lease = {
+        "worker_id": fence.owner if fence else None,
+        "lease_partition": fence.partition if fence else None,
+        "lease_epoch": fence.epoch if fence else None,
+    }
+    for change in state.changes[marks[0] :]:
+        rows["ledger"].append(
+            {
+                "agent_id": state.agent_id,
+                "seq": change.seq,
+                "message_id": change.message_id or envelope.message_id,
+                "kind": change.kind,
+                "amount": change.amount,
+                "allocated_after": change.allocated_after,
+                "used_after": change.used_after,
+                "reserved_after": change.reserved_after,
+                "reservation_id": change.reservation_id,
+                "created_at": now,
+                **lease,
+            }
+        )
+    for crossing in state.crossings[marks[1] :]:
+        rows["outbox"].append(
+            _event_row(state.agent_id, crossing, envelope.message_id or "", fence, now)
+        )
+
+
+def _event_row(
+    agent_id: str, crossing: Crossing, message_id: str, fence: Fence | None, now: datetime
+) -> dict[str, Any]:
+    event = ThresholdCrossedEvent(
+        event_id=event_id_for(agent_id, crossing.seq, crossing.threshold),
+        agent_id=agent_id,
+        threshold=crossing.threshold,
+        allocated_tokens=crossing.allocated,
+        used_tokens=crossing.used,
+        reserved_tokens=crossing.reserved,
+        command_type=CommandType(crossing.command_type),
+        message_id=message_id,
+        ledger_seq=crossing.seq,
+        occurred_at=now,
+    )
+    return {
+        "event_id": event.event_id,
+        "partition": fence.partition if fence else None,
+        "agent_id": agent_id,
+        "routing_key": threshold_routing_key(crossing.threshold),
+        "event_type": event.event,
+        "body": event.model_dump_json(),
+        "created_at": now,
+        "published_at": None,
+    }
+
+
+async def fence_holds(conn: AsyncConnection, fence: Fence) -> bool:
+    # An UPDATE, not a SELECT: it takes the lease row's lock (PostgreSQL) so a
+    # takeover waits for this commit, and SQLite's write lock is already ours.
+    held = await conn.execute(
+        _check_lease,
+        {"l_partition": fence.partition, "l_owner": fence.owner, "l_epoch": fence.epoch},
+    )
+    return bool(held.rowcount == 1)
+
+
+_check_lease = (
+    update(partition_leases)
+    .where(partition_leases.c.partition == bindparam("l_partition"))
+    .where(partition_leases.c.owner == bindparam("l_owner"))
+    .where(partition_leases.c.epoch == bindparam("l_epoch"))
+    .values(epoch=partition_leases.c.epoch)
+)
+
+
+def _query(state: AgentState, command: Command, ctx: RuleContext) -> Outcome:
+    try:
+        reply, _ = apply_rule(state, command, ctx)
+    except BudgetError as refusal:
+        error_reply = ErrorReply(error=refusal.to_body())
+        return Outcome(OutcomeKind.QUERY_REFUSED, error_reply, encode_reply(error_reply))
+    return Outcome(OutcomeKind.QUERY, reply, encode_reply(reply))
+
+
+def _replay(prior: tuple[str, bytes], print_: str, message_id: str) -> Outcome:
+    print_before, body = prior
+    if print_before == print_:
+        return Outcome(OutcomeKind.DUPLICATE, parse_reply(body), body)
+    error_reply = ErrorReply(error=Conflict(message_id).to_body())
+    return Outcome(OutcomeKind.CONFLICT, error_reply, encode_reply(error_reply))

@@ -1,0 +1,110 @@
+"""Read-only views of the database for ``budgetctl``: the database refuses writes.
+
+SQLAlchemy is imported lazily by ``budgetctl`` through this module, so the
+commands that only talk to the broker start fast.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from token_budget.worker.store.audit import Discrepancy, LedgerEntry, history, reconcile
+from token_budget.worker.store.db import is_sqlite, sqlite_path
+from token_budget.worker.store.leases import PoolView, pool_view
+from token_budget.worker.store.tables import agents, budgets
+
+__all__ = [
+    "NoDatabase",
+    "ViewError",
+    "budgets_page",
+    "ledger_of",
+    "pool",
+    "read_only_engine",
+    "reconciled",
+]
+
+
+class ViewError(Exception):
+    """The database could not be read (unreachable, or not migrated)."""
+
+
+class NoDatabase(ViewError):
+    """The SQLite file is not there: opening it would create an empty one."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"no database at {path}: start the worker first "
+            "or pass --database-url/BUDGET_DATABASE_URL"
+        )
+
+
+@asynccontextmanager
+async def read_only_engine(url: str) -> AsyncIterator[AsyncEngine]:
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise NoDatabase(path)
+    if is_sqlite(url):
+        engine = create_async_engine(url, poolclass=NullPool)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _query_only(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA query_only=ON")
+            cursor.close()
+    else:
+        settings = {"default_transaction_read_only": "on", "application_name": "budgetctl"}
+        engine = create_async_engine(
+            url, poolclass=NullPool, connect_args={"server_settings": settings}
+        )
+    try:
+        yield engine
+    except (SQLAlchemyError, OSError) as error:
+        first = str(error).splitlines()[0][:300] if str(error) else repr(error)
+        if "no such table" in first or ("relation" in first and "does not exist" in first):
+            first += ": no schema yet (start the worker, it migrates; or `budget-worker migrate`)"
+        raise ViewError(first) from error
+    finally:
+        await engine.dispose()
+
+
+async def budgets_page(url: str, limit: int) -> list[dict[str, Any]]:
+    """Agents and their balances, by agent id."""
+    query = (
+        select(
+            agents.c.agent_id,
+            budgets.c.allocated_tokens,
+            budgets.c.used_tokens,
+            budgets.c.reserved_tokens,
+        )
+        .select_from(agents.outerjoin(budgets))
+        .order_by(agents.c.agent_id)
+        .limit(limit)
+    )
+    async with read_only_engine(url) as engine, engine.connect() as conn:
+        return [dict(row) for row in (await conn.execute(query)).mappings()]
+
+
+async def ledger_of(url: str, agent_id: str, limit: int | None) -> list[LedgerEntry] | None:
+    """The agent's ledger, oldest first; None if no such agent is registered."""
+    query = select(agents.c.agent_id).where(agents.c.agent_id == agent_id)
+    async with read_only_engine(url) as engine:
+        async with engine.connect() as conn:
+            if (await conn.execute(query)).first() is None:
+                return None
+        return await history(engine, agent_id, limit=limit)
+
+
+async def reconciled(url: str) -> list[Discrepancy]:
+    async with read_only_engine(url) as engine:
+        return await reconcile(engine)
+
+
+async def pool(url: str, member_ttl: float) -> PoolView:
+    async with read_only_engine(url) as engine:
+        return await pool_view(engine, member_ttl)

@@ -1,0 +1,123 @@
+"""The outbox publisher: events recorded with their change, published afterwards.
+
+A batch that crosses a usage threshold writes the event into the ``outbox``
+table in its own transaction, so the event exists exactly when the change
+does. This loop, one per worker, publishes the unpublished events of the
+partitions the worker holds, waits for the broker's confirms, then marks them
+published. A crash between the confirm and the mark publishes the same event
+again (same ``message_id``, same body): consumers deduplicate on the id.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Protocol
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractExchange, DeliveryMode
+
+from token_budget.client.connection import is_open
+from token_budget.schemas import CONTENT_TYPE, EVENTS_EXCHANGE
+from token_budget.worker.backoff import Backoff, pause
+from token_budget.worker.domain.outcomes import PendingEvent, StorageUnavailable
+from token_budget.worker.store.db import is_transient
+
+__all__ = ["EventStore", "OutboxPublisher"]
+
+
+class EventStore(Protocol):
+    """What the publisher needs of the database (``BudgetService`` has it)."""
+
+    async def pending_events(
+        self, partitions: Collection[int] | None, *, limit: int = ...
+    ) -> list[PendingEvent]: ...
+
+    async def mark_published(self, ids: Sequence[int]) -> None: ...
+
+
+class OutboxPublisher:
+    def __init__(
+        self,
+        store: EventStore,
+        connection: AbstractConnection,
+        *,
+        partitions: Callable[[], Collection[int] | None],
+        poll_interval: float,
+        log: Any,
+        batch: int = 500,
+    ) -> None:
+        self._store = store
+        self._connection = connection
+        self._partitions = partitions
+        self._poll = poll_interval
+        self._log = log.bind(task="outbox")
+        self._batch = batch
+        self._wake = asyncio.Event()
+        #: Events published since start (for logs and tests).
+        self.published = 0
+
+    def notify(self) -> None:
+        """A commit recorded events: publish now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish until cancelled or the connection is gone; retry after failures."""
+        backoff = Backoff(self._poll, 30.0)
+        while is_open(self._connection):
+            try:
+                channel = await self._connection.channel(publisher_confirms=True)
+                try:
+                    exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+                    backoff.reset()
+                    await self._serve(exchange)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if not is_open(self._connection):
+                    return
+                level = "warning" if _expected(error) else "error"
+                delay = backoff.next()
+                log = getattr(self._log, level)
+                log("outbox_failed", error=repr(error)[:300], retry_in_s=delay)
+                # Not cut short by notify(): a failing publisher backs off.
+                await pause(delay)
+
+    async def _serve(self, exchange: AbstractExchange) -> None:
+        while True:
+            self._wake.clear()
+            sent = await self._drain(exchange)
+            if sent < self._batch:
+                await self._sleep(self._poll)
+
+    async def _drain(self, exchange: AbstractExchange) -> int:
+        events = await self._store.pending_events(self._partitions(), limit=self._batch)
+        if not events:
+            return 0
+        # Published in recorded order on one channel; confirms awaited together.
+        await asyncio.gather(
+            *(exchange.publish(_message(e), e.routing_key, mandatory=False) for e in events)
+        )
+        await self._store.mark_published([e.id for e in events])
+        self.published += len(events)
+        self._log.info("events_published", count=len(events), first=events[0].event_id)
+        return len(events)
+
+    async def _sleep(self, seconds: float) -> None:
+        await pause(seconds, self._wake)
+
+
+def _message(event: PendingEvent) -> aio_pika.Message:
+    return aio_pika.Message(
+        event.body,
+        content_type=CONTENT_TYPE,
+        message_id=event.event_id,
+        type=event.event_type,
+        delivery_mode=DeliveryMode.PERSISTENT,
+    )
+
+
+def _expected(error: BaseException) -> bool:
+    return isinstance(error, StorageUnavailable | ConnectionError | OSError) or is_transient(error)

@@ -3,7 +3,7 @@
 #
 #   make run            run a worker (configuration: BUDGET_* environment variables)
 #   make test           the test suite (needs RabbitMQ and PostgreSQL on localhost)
-#   make lint           ruff and mypy
+#   make lint           ruff (lint and format), mypy, and the layers (import-linter)
 #   make check          the worker's health check (broker and database reachable)
 #   make compose-check  validate docker-compose.yml without a Docker engine
 #   make bench          the benchmarks
@@ -52,6 +52,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 check: $(STAMP)

@@ -74,9 +74,7 @@ ReplyQueue = Literal["direct", "exclusive"]
 _log = logging.getLogger(__name__)
 
 #: A request that failed because of the broker, not of the request.
-_BROKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError)
 #: Opening channels on a connection that died under us also says RuntimeError.
-_CHANNEL_LOST: tuple[type[BaseException], ...] = (*_BROKER_ERRORS, RuntimeError)
 
 
 def new_message_id() -> str:
@@ -275,7 +273,7 @@ class BudgetClient(ReservationCommands):
             ) from None
         except aiormq.exceptions.DeliveryError as error:
             raise NotDelivered(f"the broker refused {what}: {error}") from error
-        except _BROKER_ERRORS as error:
+        except CONNECTION_ERRORS as error:
             raise NotDelivered(f"the broker did not confirm {what}: {error!r}") from error
 
     async def _ready(self) -> None:
@@ -297,7 +295,7 @@ class BudgetClient(ReservationCommands):
             assert connection is not None  # opened just above, or found open
             try:
                 await self._open_channels(connection)
-            except _CHANNEL_LOST as error:
+            except CONNECTION_ERRORS as error:
                 # The connection died under us (a broker restart): start
                 # afresh on the next call rather than reuse its corpse.
                 self._connection = None
@@ -313,7 +311,7 @@ class BudgetClient(ReservationCommands):
             connection = await aio_pika.connect(
                 self._url, timeout=self.timeout, client_properties={"connection_name": self._name}
             )
-        except _BROKER_ERRORS as error:
+        except CONNECTION_ERRORS as error:
             raise BrokerUnavailable(f"cannot connect to the broker: {error!r}") from error
         connection.close_callbacks.add(
             lambda *_: self._fail_pending(

@@ -4,22 +4,23 @@ aio-pika's ``Connection.is_closed`` turns true only once ``close()`` was
 called: after the broker closed the connection (a node shutting down, a
 forced close) it stays false while every new channel fails. ``is_open``
 looks at the transport instead. ``CONNECTION_ERRORS`` is the one tuple of
-exceptions that mean "the connection, not the request, failed"; every
-reconnect path catches exactly these (aio-pika's ``CONNECTION_EXCEPTIONS``
-is the model).
+exceptions that mean "the broker or the connection, not our code, failed";
+the SDK and the worker catch exactly these wherever they reconnect, retry
+or give up on the broker. It is aio-pika's ``CONNECTION_EXCEPTIONS``
+(``AMQPError``, ``ConnectionError``, ``OSError``, ``RuntimeError`` of a dead
+channel, …), so that what aio-pika's own robust connection treats as lost,
+we do too.
 """
 
-import aiormq
 from aio_pika.abc import AbstractConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 __all__ = ["CONNECTION_ERRORS", "is_open"]
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    ConnectionError,
-    OSError,
+    *CONNECTION_EXCEPTIONS,
+    # asyncio's timeouts (an OSError subclass on 3.11, named for the reader).
     TimeoutError,
-    aiormq.exceptions.AMQPConnectionError,
-    aiormq.exceptions.ChannelInvalidStateError,
 )
 
 

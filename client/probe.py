@@ -35,7 +35,7 @@ async def lane_consumers(connection: AbstractConnection) -> int:
     except aiormq.exceptions.ChannelNotFoundEntity:
         return 0
     finally:
-        with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError, RuntimeError):
+        with contextlib.suppress(*CONNECTION_ERRORS):
             if not channel.is_closed:
                 await channel.close()
     return int(queue.declaration_result.consumer_count or 0)
@@ -53,9 +53,7 @@ async def timeout_error(
     consumers = None
     if is_open(connection):
         assert connection is not None
-        with contextlib.suppress(
-            *CONNECTION_ERRORS, aiormq.exceptions.AMQPError, RuntimeError, TimeoutError
-        ):
+        with contextlib.suppress(*CONNECTION_ERRORS):
             consumers = await asyncio.wait_for(lane_consumers(connection), _PROBE_SECONDS)
     if consumers == 0 and command.changes_state:
         return NoWorker(

@@ -41,7 +41,7 @@ async def run_ctl(*args: str, env: dict[str, str] | None = None, cwd: Path = ROO
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "worker.ctl",
+        "token_budget.worker.ctl",
         *args,
         cwd=cwd,
         env={**os.environ, **(env or {})},

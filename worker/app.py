@@ -14,19 +14,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from token_budget.client.connection import CONNECTION_ERRORS
 from token_budget.schemas import LaneMap
-from token_budget.worker.backoff import Backoff, pause
+from token_budget.worker.backoff import pause
 from token_budget.worker.broker import wire_guard
 from token_budget.worker.broker.auth import AuthPolicy
 from token_budget.worker.broker.lane import Lane, LaneConfig
+from token_budget.worker.broker.lanes import LaneGroup
 from token_budget.worker.broker.topology import (
     Routing,
-    TopologyError,
     TopologySpec,
     broker_version,
     declare_topology,
     routing_is_stable_on,
 )
-from token_budget.worker.domain.outcomes import Fence
+from token_budget.worker.errors import BrokerRefused, TopologyError
 from token_budget.worker.logs import get_logger, renders_json
 from token_budget.worker.pool.pool import Pool
 from token_budget.worker.settings import AuthMode, Settings
@@ -40,14 +40,7 @@ from token_budget.worker.tasks.heartbeat import Tally
 from token_budget.worker.tasks.upgrade import RoutingUpgrade
 from token_budget.worker.urls import redact_url
 
-__all__ = ["BrokerRefused", "Worker", "connect_amqp"]
-
-_BROKER_LOST: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aio_pika.exceptions.AMQPError)
-
-
-class BrokerRefused(Exception):
-    """The broker refused the worker's login at start: configuration, not an
-    outage, so the worker exits (code 1) instead of retrying for ever."""
+__all__ = ["Worker", "connect_amqp"]
 
 
 async def connect_amqp(settings: Settings, *, name: str) -> AbstractConnection:
@@ -72,8 +65,7 @@ class Worker:
         self.worker_id = uuid.uuid4().hex
         self.name = f"budget-worker {socket.gethostname()}:{os.getpid()}"
         self.pool: Pool | None = None
-        #: The lanes it runs, by partition (for tests and health).
-        self.lanes: dict[int, Lane] = {}
+        self._group: LaneGroup | None = None
         self.upgrade: RoutingUpgrade | None = None
         #: Broker connections opened so far: 1 while it never reconnected.
         self.connections = 0
@@ -84,6 +76,14 @@ class Worker:
         self._budget: BudgetService | None = None
         #: Commands settled since the last heartbeat line, counted by the lanes.
         self._tally = Tally()
+        #: Set by the service after a commit that recorded events: the outbox
+        #: publishes them now rather than at its next poll.
+        self._outbox_wake = asyncio.Event()
+
+    @property
+    def lanes(self) -> dict[int, Lane]:
+        """The lanes it runs now, by partition (for tests and health)."""
+        return self._group.lanes if self._group is not None else {}
 
     def stop(self) -> None:
         """Finish the batches in hand, return the rest, leave the pool."""
@@ -116,7 +116,11 @@ class Worker:
                 await self._until_done("migrate", lambda: upgrade(self._require_engine()))
             await self._check_partitions()
             engine = self._require_engine()
-            self._budget = BudgetService(engine, reservation_ttl=settings.reservation_ttl)
+            self._budget = BudgetService(
+                engine,
+                reservation_ttl=settings.reservation_ttl,
+                on_events=self._outbox_wake.set,
+            )
             service = GroupCommitter(
                 self._budget,
                 writers=1 if engine.dialect.name == "sqlite" else 2,
@@ -124,14 +128,14 @@ class Worker:
                 # the memory a transaction holds, whatever the backlog.
                 max_commands=settings.batch_max,
             )
-            backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
+            backoff = settings.retry.backoff()
             while not self._stop.is_set():
                 try:
                     await self._serve(service)
                     backoff.reset()
                 except TopologyError:
                     raise
-                except _BROKER_LOST as e:
+                except CONNECTION_ERRORS as e:
                     if isinstance(e, ProbableAuthenticationError) and not self.connections:
                         # Never logged in: the URL's user or password is wrong.
                         # Later (a password changed under a running pool) it
@@ -156,7 +160,7 @@ class Worker:
         self.connections += 1
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
-        lanes: dict[int, tuple[Lane, asyncio.Task[None]]] = {}
+        group: LaneGroup | None = None
         background: Background | None = None
         upgrading: asyncio.Task[None] | None = None
         try:
@@ -180,52 +184,25 @@ class Worker:
                 )
                 upgrading = asyncio.create_task(upgrade.run(connection), name="routing-upgrade")
 
-            def start_lane(fence: Fence) -> None:
-                lane = Lane(
-                    fence.partition,
-                    topology.lanes[fence.partition],
-                    connection,
-                    service,
-                    config,
-                    self._log,
-                    fence=fence,
-                    draining=upgrade,
-                )
-                self.lanes[fence.partition] = lane
-                lanes[fence.partition] = (
-                    lane,
-                    asyncio.create_task(lane.run(), name=lane.queue_name),
-                )
-
-            async def stop_lane(partition: int) -> None:
-                lane, task = lanes.pop(partition)
-                self.lanes.pop(partition, None)
-                lane.stop()
-                # The lane finishes the batch in hand and closes its channel.
-                await asyncio.gather(task, return_exceptions=True)
-
-            def running() -> dict[int, Fence]:
-                return {
-                    p: lane.fence
-                    for p, (lane, task) in lanes.items()
-                    if not task.done() and lane.fence is not None
-                }
-
+            group = LaneGroup(
+                connection, topology.lanes, service, config, self._log, draining=upgrade
+            )
+            self._group = group
             assert self._budget is not None
             background = Background.start(
                 self._budget,
                 connection,
                 self.settings,
-                lambda: set(running()),
+                lambda: set(group.running()),
                 self._log,
+                outbox_wake=self._outbox_wake,
                 tally=self._tally,
             )
             pool = Pool(
                 self._lease_store(),
-                start_lane=start_lane,
-                stop_lane=stop_lane,
-                running=running,
+                group,
                 renew_interval=self.settings.renew_interval,
+                retry=self.settings.retry,
                 log=self._log,
             )
             self.pool = pool
@@ -255,9 +232,8 @@ class Worker:
             self._pool_stop = None
             if upgrading is not None:
                 upgrading.cancel()
-            for lane, task in lanes.values():
-                lane.stop()
-                task.cancel()
+            if group is not None:
+                group.abort()
             # Closed first, so that every loop on it sees it gone and ends.
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -279,13 +255,12 @@ class Worker:
             prefetch=self.settings.prefetch,
             batch_max=self.settings.batch_max,
             max_body_bytes=self.settings.max_body_bytes,
-            retry_max_seconds=self.settings.retry_max_seconds,
-            retry_initial_seconds=self.settings.retry_initial_seconds,
+            retry=self.settings.retry,
             # The exact per-command record is for machines (JSON) or debugging;
             # a person reading a terminal gets the batch's summary.
             log_ops=renders_json(self.settings.log_format)
             or self.settings.log_level.lower() == "debug",
-            tally=self._tally,
+            on_settled=self._tally.add,
             auth=AuthPolicy.from_settings(self.settings),
             lanes=LaneMap(self.topology.partitions),
         )
@@ -317,9 +292,7 @@ class Worker:
         def warn(error: BaseException, delay: float) -> None:
             self._log.warning(f"{what}_failed", error=str(error)[:300], retry_in_s=delay)
 
-        await retry_while_transient(
-            step, stop=self._stop, on_retry=warn, max_delay=self.settings.retry_max_seconds
-        )
+        await retry_while_transient(step, stop=self._stop, on_retry=warn, retry=self.settings.retry)
 
     def _require_engine(self) -> AsyncEngine:
         assert self._engine is not None

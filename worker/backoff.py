@@ -10,7 +10,25 @@ its connection died instead of letting the worker reconnect.
 import asyncio
 from dataclasses import dataclass, field
 
-__all__ = ["Backoff", "pause"]
+__all__ = ["Backoff", "RetryPolicy", "pause"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How every retry loop of the worker backs off (``Settings.retry``).
+
+    One policy for the lanes, the pool, the outbox, the sweeper, start-up and
+    reconnects, so that one setting (``BUDGET_RETRY_INITIAL_SECONDS``,
+    ``BUDGET_RETRY_MAX_SECONDS``) tunes them all.
+    """
+
+    initial: float
+    maximum: float
+    factor: float = 2.0
+
+    def backoff(self) -> "Backoff":
+        """A fresh sequence of delays, starting at ``initial``."""
+        return Backoff(self.initial, self.maximum, self.factor)
 
 
 @dataclass(slots=True)

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy import text
 
-from token_budget.worker.app import BrokerRefused, Worker, connect_amqp
-from token_budget.worker.broker.topology import TopologyError
+from token_budget.worker.app import Worker, connect_amqp
+from token_budget.worker.errors import BrokerRefused, TopologyError
 from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
 from token_budget.worker.logs import configure_logging, get_logger
 from token_budget.worker.settings import Settings

@@ -25,6 +25,7 @@ from token_budget.client import (
     CommandRefused,
     NoWorker,
 )
+from token_budget.worker.errors import NoDatabase, ViewError
 from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
 from token_budget.worker.settings import Settings
 from token_budget.worker.urls import broker_user, redact_url
@@ -112,9 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BudgetClientError as error:
         url = redact_url(args.amqp_url or settings.amqp_url.get_secret_value())
         return _fail(ExitCode.UNREACHABLE, f"{error.code}: {error.message} (broker {url})")
-    except _no_database() as error:
+    except NoDatabase as error:
         return _fail(ExitCode.UNREACHABLE, str(error))
-    except _view_error() as error:
+    except ViewError as error:
         url = redact_url(args.database_url or settings.database_url.get_secret_value())
         return _fail(ExitCode.UNREACHABLE, f"database error: {error} (database {url})")
     return ExitCode.OK
@@ -125,18 +126,6 @@ FAILURES = {
     ExitCode.UNRECONCILED: "the books do not reconcile (see above)",
     ExitCode.UNREACHABLE: "no worker is live: start one with `make run`",
 }
-
-
-def _no_database() -> type[Exception]:
-    from token_budget.worker.store.views import NoDatabase
-
-    return NoDatabase
-
-
-def _view_error() -> type[Exception]:
-    from token_budget.worker.store.views import ViewError
-
-    return ViewError
 
 
 def _fail(code: ExitCode, message: str) -> int:

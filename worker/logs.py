@@ -11,6 +11,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from token_budget.worker.settings import LogFormat
 
@@ -83,5 +84,7 @@ def configure_logging(level: str = "info", fmt: LogFormat = LogFormat.AUTO) -> N
     root.setLevel(max(numeric, logging.WARNING))
 
 
-def get_logger(**context: Any) -> Any:
-    return structlog.get_logger("budget").bind(**context)
+def get_logger(**context: Any) -> FilteringBoundLogger:
+    """The worker's logger, bound to ``context`` (filtered by level, as configured)."""
+    logger: FilteringBoundLogger = structlog.get_logger("budget")
+    return logger.bind(**context)

@@ -13,6 +13,7 @@ from token_budget.schemas import (
     DEFAULT_RESERVATION_TTL_SECONDS,
     MAX_RESERVATION_TTL_SECONDS,
 )
+from token_budget.worker.backoff import RetryPolicy
 
 __all__ = ["AuthMode", "LogFormat", "Settings", "default_database_url"]
 
@@ -51,6 +52,12 @@ def default_database_url() -> str:
 
 
 class Settings(BaseSettings):
+    """The worker's configuration, from ``BUDGET_*`` variables; URLs are secrets.
+
+    Validated once at start: a bad value stops the worker with the variable's
+    name rather than failing later.
+    """
+
     model_config = SettingsConfigDict(env_prefix="BUDGET_", extra="ignore")
 
     #: Credentials live in the URLs, hence secrets: never printed, never logged.
@@ -78,8 +85,9 @@ class Settings(BaseSettings):
     renew_interval: float = Field(default=2.0, gt=0)
     migrate_on_start: bool = True
     db_pool_size: int = Field(default=5, ge=1, le=100)
-    #: Backoff while the broker or the database is away: the first delay,
-    #: doubled on every failure up to the cap.
+    #: Backoff of every retry loop (lanes, pool, outbox, sweeper, start-up,
+    #: reconnects) while the broker or the database is away: the first
+    #: delay, doubled on every failure up to the cap.
     retry_initial_seconds: float = Field(default=0.1, gt=0)
     retry_max_seconds: float = Field(default=10.0, gt=0)
     #: ``BUDGET_AUTH``: ``none`` (default) or ``user-id``. Set it the same on
@@ -108,6 +116,11 @@ class Settings(BaseSettings):
     log_heartbeat_seconds: float = Field(default=60.0, gt=0)
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The one backoff policy of every retry loop."""
+        return RetryPolicy(self.retry_initial_seconds, self.retry_max_seconds)
 
     @field_validator("admin_users", mode="before")
     @classmethod

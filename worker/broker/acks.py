@@ -14,7 +14,8 @@ from enum import StrEnum
 
 from token_budget.schemas import ErrorCode
 from token_budget.worker.broker.decode import Invalid
-from token_budget.worker.domain.outcomes import Fenced, Outcome, OutcomeKind, StorageUnavailable
+from token_budget.worker.domain.outcomes import Outcome, OutcomeKind
+from token_budget.worker.errors import Fenced, StorageUnavailable
 
 __all__ = ["Disposition", "Settlement", "settle", "settle_failure"]
 

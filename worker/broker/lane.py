@@ -12,15 +12,17 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from structlog.typing import FilteringBoundLogger
 
 from token_budget.client.connection import is_open
 from token_budget.schemas import ErrorBody, ErrorCode, ErrorReply, LaneMap, encode_reply
-from token_budget.worker.backoff import Backoff, pause
-from token_budget.worker.broker.acks import Disposition, settle, settle_failure
+from token_budget.worker.backoff import Backoff, RetryPolicy, pause
+from token_budget.worker.broker.acks import Disposition, Settlement, settle, settle_failure
 from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
 from token_budget.worker.broker.decode import Invalid, decode
 from token_budget.worker.broker.publisher import DRAIN_MARKER, Publisher
@@ -29,11 +31,10 @@ from token_budget.worker.domain.outcomes import (
     CommandApplier,
     Envelope,
     Fence,
-    Fenced,
     Outcome,
     OutcomeKind,
 )
-from token_budget.worker.tasks.heartbeat import Tally
+from token_budget.worker.errors import Fenced
 
 __all__ = ["DrainListener", "Lane", "LaneConfig"]
 
@@ -45,13 +46,13 @@ class LaneConfig:
     prefetch: int
     batch_max: int
     max_body_bytes: int
-    retry_max_seconds: float
-    retry_initial_seconds: float = 0.05
+    #: Backoff of a batch the database cannot take now, and of the lane's restarts.
+    retry: RetryPolicy
     #: Add each command's [message_id, agent, type, tokens, outcome] to
     #: ``batch_applied``; without it the line only summarises the batch.
     log_ops: bool = True
-    #: Counts settled commands for the worker's heartbeat line.
-    tally: Tally | None = None
+    #: Told how many commands each batch settled (the worker's heartbeat line).
+    on_settled: Callable[[int], None] | None = None
     #: Checked per command before its batch reaches the database.
     auth: AuthPolicy = field(default_factory=AuthPolicy)
     #: Which lane each agent belongs to; None only for tools and tests that
@@ -68,11 +69,33 @@ class DrainListener(Protocol):
     async def drained(self, partition: int) -> None: ...
 
 
-class _Stopping(Exception):
-    """Stop was requested while the batch in hand could not be committed."""
+class _Requeued(Exception):
+    """The batch in hand was not committed and went back to the broker."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The deliveries of one batch, on the channel they arrived on."""
+
+    messages: list[AbstractIncomingMessage]
+    channel: AbstractChannel
+    publisher: "Publisher"
+    backoff: Backoff
+
+    @property
+    def last(self) -> AbstractIncomingMessage:
+        return self.messages[-1]
 
 
 class Lane:
+    """One partition queue, applied in delivery order, each batch committed
+    before any of it is answered or acknowledged.
+
+    Promises: per-agent order (one consumer, batches in delivery-tag order),
+    replies and dead letters only after commit, nothing acknowledged that was
+    not committed. A lane stops for good once fenced (its lease moved on).
+    """
+
     def __init__(
         self,
         index: int,
@@ -80,7 +103,7 @@ class Lane:
         connection: AbstractConnection,
         applier: CommandApplier,
         config: LaneConfig,
-        log: Any,
+        log: FilteringBoundLogger,
         fence: Fence | None = None,
         draining: DrainListener | None = None,
     ) -> None:
@@ -111,16 +134,21 @@ class Lane:
 
     async def run(self) -> None:
         """Serve until stopped or the connection is gone; restart after failures."""
-        backoff = Backoff(self._config.retry_initial_seconds, self._config.retry_max_seconds)
+        backoff = self._retry_backoff()
         while not self._stopping and is_open(self._connection):
             try:
                 await self._serve()
                 backoff.reset()
-            except Fenced as error:
-                # Another worker owns the partition now; the batch was not
-                # committed and went back to the broker with the channel.
-                self._log.warning("lane_fenced", reason=str(error))
-                return
+            except _Requeued as requeued:
+                if isinstance(requeued.__cause__, Fenced):
+                    # Another worker owns the partition now and applies the batch.
+                    self._log.warning("lane_fenced", reason=str(requeued.__cause__))
+                    return
+                if self._stopping or not is_open(self._connection):
+                    break
+                delay = backoff.next()
+                self._log.error("lane_failed", error=repr(requeued.__cause__), retry_in_s=delay)
+                await self._pause(delay)
             except Exception as error:
                 if self._stopping or not is_open(self._connection):
                     break
@@ -141,9 +169,17 @@ class Lane:
             self._log.debug("lane_consuming", queue=self.queue_name)
             await self._start_drain(publisher)
             while not self._stopping:
-                batch = await self._take()
-                if batch:
-                    await self._process(batch, publisher)
+                messages = await self._take()
+                if messages:
+                    batch = _Batch(messages, channel, publisher, self._retry_backoff())
+                    try:
+                        await self._process(batch)
+                    except _Requeued:
+                        raise
+                    except Exception as error:
+                        # Failed after (or without) its commit, e.g. a publish:
+                        # the redelivery finds the stored outcomes.
+                        await self._act(Disposition.REQUEUE, batch, error=error)
         finally:
             # Closing (not cancelling first) returns every unacknowledged
             # delivery at once, so the next consumer starts where we stopped.
@@ -181,14 +217,13 @@ class Lane:
         await publisher.drain_marker(self.queue_name, self._marker)
         self._log.info("lane_draining", queue=self.queue_name)
 
-    async def _process(self, batch: list[AbstractIncomingMessage], publisher: Publisher) -> None:
+    async def _process(self, work: _Batch) -> None:
         drained = False
-        # The batch's last delivery: one acknowledgement covers it and all before.
-        last = batch[-1]
+        batch = work.messages
         if self._draining is not None:
             batch, drained = self._take_markers(batch)
             if not batch:
-                await last.ack(multiple=True)
+                await self._act(Disposition.ACK, work)
                 return await self._drained(drained)
         started = time.perf_counter()
         decoded = [self._decode(message) for message in batch]
@@ -202,23 +237,16 @@ class Lane:
             for item, refusal in zip(decoded, refused, strict=True)
             if isinstance(item, Envelope) and refusal is None
         ]
-        outcomes = iter(await self._apply(envelopes))
+        outcomes = iter(await self._apply(envelopes, work))
         results: list[Outcome | Invalid] = [
             item if isinstance(item, Invalid) else refusal if refusal else next(outcomes)
             for item, refusal in zip(decoded, refused, strict=True)
         ]
-        pending = []
+        publisher = work.publisher
+        pending: list[Awaitable[Any]] = []
         for message, item, result in zip(batch, decoded, results, strict=True):
             settlement = settle(result, has_reply_to=_can_reply(message))
-            if settlement.disposition is Disposition.DEAD_LETTER:
-                pending.append(
-                    publisher.dead_letter(
-                        message,
-                        code=str(settlement.error_code),
-                        reason=settlement.reason or "",
-                        lane=self.index,
-                    )
-                )
+            pending.append(self._act(settlement.disposition, work, message, settlement))
             if _can_reply(message):
                 duplicate = isinstance(result, Outcome) and result.kind is OutcomeKind.DUPLICATE
                 pending.append(publisher.reply(message, _body(result), duplicate=duplicate))
@@ -226,9 +254,54 @@ class Lane:
                 assert isinstance(result.reply, ErrorReply)
                 pending.append(publisher.refused(item.command, item.message_id, result.reply))
         await asyncio.gather(*pending)
-        await last.ack(multiple=True)
+        # Everything the batch published is confirmed: now its one acknowledgement.
+        await self._act(Disposition.ACK, work)
         self._log_batch(batch, decoded, results, time.perf_counter() - started)
         await self._drained(drained)
+
+    async def _act(
+        self,
+        disposition: Disposition,
+        work: _Batch,
+        message: AbstractIncomingMessage | None = None,
+        settlement: Settlement | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """The one place the lane carries out a disposition (broker/acks.py decides it).
+
+        With ``message``, for that delivery of a committed batch; without, for
+        the whole batch.
+        """
+        match disposition:
+            case Disposition.ACK:
+                if message is None:
+                    # The batch's last delivery: one acknowledgement covers it and all before.
+                    await work.last.ack(multiple=True)
+            case Disposition.DEAD_LETTER:
+                assert message is not None and settlement is not None
+                await work.publisher.dead_letter(
+                    message,
+                    code=str(settlement.error_code),
+                    reason=settlement.reason or "",
+                    lane=self.index,
+                )
+            case Disposition.RETRY:
+                # Not committed, the database may take it later: hold the
+                # batch unacknowledged, back off, apply it again.
+                delay = work.backoff.next()
+                self._log.warning("storage_unavailable", error=str(error), retry_in_s=delay)
+                await self._pause(delay)
+                if self._stopping:
+                    await self._act(Disposition.REQUEUE, work, error=error)
+            case Disposition.REQUEUE:
+                # Closing the channel returns every unacknowledged delivery at
+                # once and in order; acking or nacking single ones could let a
+                # later command of the same agent overtake.
+                await _close(work.publisher.channel)
+                await _close(work.channel)
+                raise _Requeued() from error
+            case _:
+                assert_never(disposition)
 
     def _take_markers(
         self, batch: list[AbstractIncomingMessage]
@@ -308,19 +381,15 @@ class Lane:
         )
         return unauthorized_outcome(error)
 
-    async def _apply(self, envelopes: list[Envelope]) -> list[Outcome]:
-        backoff = Backoff(self._config.retry_initial_seconds, self._config.retry_max_seconds)
+    async def _apply(self, envelopes: list[Envelope], work: _Batch) -> list[Outcome]:
         while True:
             try:
                 return await self._applier.apply(envelopes, self.fence)
             except Exception as error:
-                if settle_failure(error) is not Disposition.RETRY:
-                    raise
-                delay = backoff.next()
-                self._log.warning("storage_unavailable", error=str(error), retry_in_s=delay)
-                await self._pause(delay)
-                if self._stopping:
-                    raise _Stopping() from error
+                await self._act(settle_failure(error), work, error=error)
+
+    def _retry_backoff(self) -> Backoff:
+        return self._config.retry.backoff()
 
     async def _pause(self, seconds: float) -> None:
         await pause(seconds, self._wake)
@@ -356,8 +425,8 @@ class Lane:
                 command = item.command
                 tokens = getattr(command, "tokens", None)
                 ops.append((item.message_id, command.agent_id, command.type, tokens, outcome))
-        if self._config.tally is not None:
-            self._config.tally.add(len(batch))
+        if self._config.on_settled is not None:
+            self._config.on_settled(len(batch))
         summary: dict[str, Any] = {
             "size": len(batch),
             "agents": len(agents),

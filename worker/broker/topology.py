@@ -31,6 +31,7 @@ from token_budget.schemas import (
     LANES_EXCHANGE_TYPE,
     lane_queue_name,
 )
+from token_budget.worker.errors import PLUGIN_HINT, PluginMissing, TopologyError
 
 __all__ = [
     "LEGACY_EXCHANGE_TYPE",
@@ -49,20 +50,6 @@ __all__ = [
 
 #: The exchange type of deployments before stable routing (contract 1.1).
 LEGACY_EXCHANGE_TYPE = "x-consistent-hash"
-PLUGIN_HINT = (
-    "RabbitMQ has no x-modulus-hash exchange type: before RabbitMQ 4.3 it comes with "
-    "the sharding plugin. Enable it on every broker node with:  "
-    "rabbitmq-plugins enable rabbitmq_sharding"
-)
-
-
-class TopologyError(Exception):
-    """The broker refused the topology; the worker cannot start."""
-
-
-class PluginMissing(TopologyError):
-    def __init__(self) -> None:
-        super().__init__(PLUGIN_HINT)
 
 
 class Routing(StrEnum):

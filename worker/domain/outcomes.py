@@ -11,11 +11,9 @@ __all__ = [
     "CommandApplier",
     "Envelope",
     "Fence",
-    "Fenced",
     "Outcome",
     "OutcomeKind",
     "PendingEvent",
-    "StorageUnavailable",
 ]
 
 
@@ -54,14 +52,6 @@ class Outcome:
         return self.reply.ok
 
 
-class StorageUnavailable(Exception):
-    """The database cannot take the batch now (outage, lock, stale read).
-
-    The same batch may succeed later: hold it, back off, retry. Never a
-    reason to dead-letter or acknowledge.
-    """
-
-
 @dataclass(frozen=True, slots=True)
 class Fence:
     """The lease a lane holds: its batches commit only while it is still current."""
@@ -69,10 +59,6 @@ class Fence:
     partition: int
     owner: str
     epoch: int
-
-
-class Fenced(Exception):
-    """The lane's lease has passed to another worker: commit nothing, stop the lane."""
 
 
 class CommandApplier(Protocol):

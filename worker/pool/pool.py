@@ -12,10 +12,13 @@ lease epoch fences any commit a former owner still attempts.
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from token_budget.worker.backoff import pause
-from token_budget.worker.domain.outcomes import Fence, StorageUnavailable
+from structlog.typing import FilteringBoundLogger
+
+from token_budget.worker.backoff import RetryPolicy, pause
+from token_budget.worker.domain.outcomes import Fence
+from token_budget.worker.errors import StorageUnavailable
+from token_budget.worker.pool.listener import PartitionListener
 from token_budget.worker.store.db import is_transient, retry_while_transient
 from token_budget.worker.store.leases import Lease, LeaseStore, PoolView
 
@@ -30,21 +33,27 @@ def assign(live: list[str], partitions: int, worker_id: str) -> set[int]:
 
 
 class Pool:
+    """This worker's share of the partitions, kept running through ``listener``.
+
+    Promises: at most one live owner per partition at a time (leases with
+    epochs, fenced commits), a lane revoked before its lease is released
+    (``PartitionListener``), and every partition owned by some live worker
+    within about ``lease_ttl`` of its owner's death.
+    """
+
     def __init__(
         self,
         store: LeaseStore,
+        listener: PartitionListener,
         *,
-        start_lane: Callable[[Fence], None],
-        stop_lane: Callable[[int], Awaitable[None]],
-        running: Callable[[], dict[int, Fence]],
         renew_interval: float,
-        log: Any,
+        retry: RetryPolicy,
+        log: FilteringBoundLogger,
     ) -> None:
         self.store = store
-        self._start_lane = start_lane
-        self._stop_lane = stop_lane
-        self._running = running
+        self._listener = listener
         self._interval = renew_interval
+        self._retry = retry
         self._log = log.bind(worker_id=store.worker_id)
         self._stop = asyncio.Event()
         self.view: PoolView | None = None
@@ -74,7 +83,9 @@ class Pool:
                     self._log.warning("pool_tick_failed", error=str(error)[:300])
                 await pause(self._interval, self._stop)
         finally:
-            await asyncio.gather(*(self._stop_lane(p) for p in sorted(self._running())))
+            await asyncio.gather(
+                *(self._listener.revoked(p) for p in sorted(self._listener.running()))
+            )
             with contextlib.suppress(Exception):
                 await self.store.leave()
             self._log.info("pool_left")
@@ -82,7 +93,7 @@ class Pool:
     async def _rebalance(self, view: PoolView) -> None:
         me = self.store.worker_id
         target = assign(view.live, self.store.partitions, me)
-        for partition, fence in sorted(self._running().items()):
+        for partition, fence in sorted(self._listener.running().items()):
             lease = view.leases.get(partition)
             if lease is None or lease.owner != me or lease.epoch != fence.epoch:
                 self._log.warning(
@@ -93,9 +104,9 @@ class Pool:
                     else "lease expired",
                     new_owner=lease.owner if lease else None,
                 )
-                await self._stop_lane(partition)
+                await self._listener.revoked(partition)
             elif partition not in target:
-                await self._stop_lane(partition)
+                await self._listener.revoked(partition)
                 await self.store.release(fence)
                 self._log.info(
                     "partition_released",
@@ -104,14 +115,14 @@ class Pool:
                     live=len(view.live),
                 )
         await self._evict_departed(view)
-        running = self._running()
+        running = self._listener.running()
         for partition in sorted(target - set(running)):
             lease = view.leases.get(partition)
             if lease is None:
                 continue
             taken = await self._take(lease, view)
             if taken is not None:
-                self._start_lane(taken)
+                self._listener.assigned(taken)
                 self._log.info(
                     "partition_taken",
                     partition=partition,
@@ -143,7 +154,7 @@ class Pool:
         def warn(error: BaseException, delay: float) -> None:
             self._log.warning("pool_start_failed", error=str(error)[:300], retry_in_s=delay)
 
-        await retry_while_transient(step, stop=self._stop, on_retry=warn, max_delay=5.0)
+        await retry_while_transient(step, stop=self._stop, on_retry=warn, retry=self._retry)
 
 
 def _why(lease: Lease, me: str, now: float) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import BindParameter, and_, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from token_budget.worker.domain.outcomes import StorageUnavailable
 from token_budget.worker.domain.state import AgentState, Hold, HoldStatus
+from token_budget.worker.errors import StorageUnavailable
 from token_budget.worker.store.tables import (
     agents,
     budgets,

@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 
-from token_budget.worker.domain.outcomes import Envelope, Fence, Fenced, Outcome
-from token_budget.worker.store.service import BudgetService
+from token_budget.worker.domain.outcomes import Envelope, Fence, Outcome
+from token_budget.worker.errors import Fenced
+from token_budget.worker.store.service import BudgetService, FenceLost
 
 __all__ = ["GroupCommitter"]
 
@@ -73,7 +74,7 @@ class GroupCommitter:
             for (_, _, future), result in zip(pending, results, strict=True):
                 if future.done():
                     continue
-                if isinstance(result, Fenced):
-                    future.set_exception(result)
+                if isinstance(result, FenceLost):
+                    future.set_exception(Fenced(result.reason))
                 else:
                     future.set_result(result)

@@ -9,7 +9,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from token_budget.worker.backoff import Backoff, pause
+from token_budget.worker.backoff import RetryPolicy, pause
 
 __all__ = [
     "create_engine",
@@ -149,14 +149,13 @@ async def retry_while_transient(
     *,
     stop: asyncio.Event,
     on_retry: Callable[[BaseException, float], None],
-    max_delay: float,
-    initial_delay: float = 0.2,
+    retry: RetryPolicy,
 ) -> None:
     """Run ``step`` until it succeeds, backing off while the database is away.
 
     A non-transient error, or a transient one once ``stop`` is set, is raised.
     """
-    backoff = Backoff(initial_delay, max_delay)
+    backoff = retry.backoff()
     while True:
         try:
             await step()

@@ -6,6 +6,7 @@ fsync) for hundreds of commands.
 """
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import exc, func, or_, select, update
@@ -21,13 +22,12 @@ from token_budget.schemas import (
 from token_budget.worker.domain.outcomes import (
     Envelope,
     Fence,
-    Fenced,
     Outcome,
     OutcomeKind,
     PendingEvent,
-    StorageUnavailable,
 )
 from token_budget.worker.domain.state import HoldStatus
+from token_budget.worker.errors import Fenced, StorageUnavailable
 from token_budget.worker.store.batch import (
     StaleState,
     apply_in_transaction,
@@ -37,12 +37,26 @@ from token_budget.worker.store.batch import (
 from token_budget.worker.store.db import is_transient
 from token_budget.worker.store.tables import outbox, reservations
 
-__all__ = ["BudgetService", "Request", "Result", "StaleState", "fingerprint"]
+__all__ = ["BudgetService", "FenceLost", "Request", "Result", "StaleState", "fingerprint"]
 
 #: A lane's batch and the lease it runs under.
 Request = tuple[Sequence[Envelope], Fence | None]
-#: Per request: its outcomes, or why none were committed (``Fenced``).
-Result = list[Outcome] | Fenced
+
+
+@dataclass(frozen=True, slots=True)
+class FenceLost:
+    """A request whose lease had passed on: nothing of it was committed.
+
+    A value, not an exception, so that one lost lease does not fail the
+    other lanes' batches that shared the transaction; whoever waits on the
+    request raises ``Fenced`` with ``reason``.
+    """
+
+    reason: str
+
+
+#: Per request: its outcomes, or that its lease was lost.
+Result = list[Outcome] | FenceLost
 
 
 def _now() -> datetime:
@@ -50,6 +64,13 @@ def _now() -> datetime:
 
 
 class BudgetService:
+    """The rules applied to the database: each batch in one transaction, in order.
+
+    Promises: a command is applied at most once per ``message_id`` (its stored
+    outcome answers a redelivery), nothing commits under a lost lease, and a
+    command the database refuses alone is rejected without failing the rest.
+    """
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -64,7 +85,7 @@ class BudgetService:
         self._clock = clock
         self._ttl = reservation_ttl
         self._lock_rows = engine.dialect.name == "postgresql"
-        self.on_events = on_events
+        self._on_events = on_events
 
     async def apply(self, batch: Sequence[Envelope], fence: Fence | None = None) -> list[Outcome]:
         """Apply ``batch`` in order and commit; one outcome per envelope.
@@ -77,8 +98,8 @@ class BudgetService:
         culprit alone gets a ``rejected`` outcome.
         """
         (result,) = await self.apply_many([(batch, fence)])
-        if isinstance(result, Fenced):
-            raise result
+        if isinstance(result, FenceLost):
+            raise Fenced(result.reason)
         return result
 
     async def apply_many(self, requests: Sequence[Request]) -> list[Result]:
@@ -95,7 +116,7 @@ class BudgetService:
                 try:
                     results.append(await self._isolating(batch, fence))
                 except Fenced as fenced:
-                    results.append(fenced)
+                    results.append(FenceLost(str(fenced)))
             return results
         except exc.SQLAlchemyError as error:
             if is_transient(error):
@@ -133,7 +154,7 @@ class BudgetService:
                 if not strict and not any(e.command.changes_state for e in batch):
                     unchecked.append(index)
                 elif not await fence_holds(conn, fence):
-                    results[index] = Fenced(
+                    results[index] = FenceLost(
                         f"partition {fence.partition} is no longer held under epoch {fence.epoch}"
                     )
             for index, (batch, fence) in enumerate(requests):
@@ -148,8 +169,8 @@ class BudgetService:
                 touched = {e.command.agent_id for e in batch} & applied.written
                 if touched and fence is not None and not await fence_holds(conn, fence):
                     raise _Recheck()
-        if applied.events and self.on_events is not None:
-            self.on_events()
+        if applied.events and self._on_events is not None:
+            self._on_events()
         outcomes = applied.outcomes
         position = 0
         for index in live:
@@ -224,8 +245,8 @@ class BudgetService:
 
     async def _single(self, batch: Sequence[Envelope], fence: Fence | None) -> list[Outcome]:
         (result,) = await self._once([(batch, fence)])
-        if isinstance(result, Fenced):
-            raise result
+        if isinstance(result, FenceLost):
+            raise Fenced(result.reason)
         return result
 
 

@@ -6,7 +6,6 @@ commands that only talk to the broker start fast.
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, select
@@ -14,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from token_budget.worker.errors import NoDatabase, ViewError
 from token_budget.worker.store.audit import Discrepancy, LedgerEntry, history, reconcile
 from token_budget.worker.store.db import is_sqlite, sqlite_path
 from token_budget.worker.store.leases import PoolView, pool_view
@@ -28,20 +28,6 @@ __all__ = [
     "read_only_engine",
     "reconciled",
 ]
-
-
-class ViewError(Exception):
-    """The database could not be read (unreachable, or not migrated)."""
-
-
-class NoDatabase(ViewError):
-    """The SQLite file is not there: opening it would create an empty one."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(
-            f"no database at {path}: start the worker first "
-            "or pass --database-url/BUDGET_DATABASE_URL"
-        )
 
 
 @asynccontextmanager

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
 
 from aio_pika.abc import AbstractConnection
+from structlog.typing import FilteringBoundLogger
 
 from token_budget.worker.settings import Settings
 from token_budget.worker.store.service import BudgetService
@@ -22,9 +22,10 @@ __all__ = ["Background"]
 
 @dataclass
 class Background:
+    """The background tasks of one broker connection; ``close`` ends them all."""
+
     outbox: OutboxPublisher | None
     sweeper: Sweeper
-    _service: BudgetService
     _tasks: list["asyncio.Task[None]"] = field(default_factory=list)
 
     @classmethod
@@ -34,9 +35,13 @@ class Background:
         connection: AbstractConnection,
         settings: Settings,
         partitions: Callable[[], Collection[int]],
-        log: Any,
+        log: FilteringBoundLogger,
+        *,
+        outbox_wake: asyncio.Event,
         tally: Tally | None = None,
     ) -> "Background":
+        """``outbox_wake``: the event the service sets after recording events
+        (its ``on_events``, given when it was made)."""
         outbox = None
         if settings.outbox_publish:
             outbox = OutboxPublisher(
@@ -44,18 +49,20 @@ class Background:
                 connection,
                 partitions=partitions,
                 poll_interval=settings.outbox_poll_interval,
+                retry=settings.retry,
                 log=log,
+                wake=outbox_wake,
             )
         sweeper = Sweeper(
             service,
             connection,
             interval=settings.reservation_sweep_interval,
             user_id=broker_user(settings.amqp_url.get_secret_value()),
+            retry=settings.retry,
             log=log,
         )
-        started = cls(outbox, sweeper, service)
+        started = cls(outbox, sweeper)
         if outbox is not None:
-            service.on_events = outbox.notify
             started._tasks.append(asyncio.create_task(outbox.run(), name="outbox"))
         started._tasks.append(asyncio.create_task(sweeper.run(), name="sweeper"))
         if tally is not None:
@@ -64,7 +71,6 @@ class Background:
         return started
 
     async def close(self) -> None:
-        self._service.on_events = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

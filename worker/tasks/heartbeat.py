@@ -7,7 +7,8 @@ says which lanes it holds and how many commands it settled since the last one.
 
 import asyncio
 from collections.abc import Callable, Collection
-from typing import Any
+
+from structlog.typing import FilteringBoundLogger
 
 __all__ = ["Tally", "beat"]
 
@@ -28,7 +29,11 @@ class Tally:
 
 
 async def beat(
-    tally: Tally, lanes: Callable[[], Collection[int]], *, interval: float, log: Any
+    tally: Tally,
+    lanes: Callable[[], Collection[int]],
+    *,
+    interval: float,
+    log: FilteringBoundLogger,
 ) -> None:
     """Log ``worker_heartbeat`` every ``interval`` seconds until cancelled."""
     while True:

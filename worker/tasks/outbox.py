@@ -11,15 +11,17 @@ again (same ``message_id``, same body): consumers deduplicate on the id.
 import asyncio
 import contextlib
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange, DeliveryMode
+from structlog.typing import FilteringBoundLogger
 
-from token_budget.client.connection import is_open
+from token_budget.client.connection import CONNECTION_ERRORS, is_open
 from token_budget.schemas import CONTENT_TYPE, EVENTS_EXCHANGE
-from token_budget.worker.backoff import Backoff, pause
-from token_budget.worker.domain.outcomes import PendingEvent, StorageUnavailable
+from token_budget.worker.backoff import RetryPolicy, pause
+from token_budget.worker.domain.outcomes import PendingEvent
+from token_budget.worker.errors import StorageUnavailable
 from token_budget.worker.store.db import is_transient
 
 __all__ = ["EventStore", "OutboxPublisher"]
@@ -36,6 +38,8 @@ class EventStore(Protocol):
 
 
 class OutboxPublisher:
+    """Publishes recorded events in order, at least once, each under its own id."""
+
     def __init__(
         self,
         store: EventStore,
@@ -43,16 +47,21 @@ class OutboxPublisher:
         *,
         partitions: Callable[[], Collection[int] | None],
         poll_interval: float,
-        log: Any,
+        retry: RetryPolicy,
+        log: FilteringBoundLogger,
+        wake: asyncio.Event | None = None,
         batch: int = 500,
     ) -> None:
+        """``wake``: set after a commit that recorded events (``BudgetService``'s
+        ``on_events``), so they go out now rather than at the next poll."""
         self._store = store
         self._connection = connection
         self._partitions = partitions
         self._poll = poll_interval
         self._log = log.bind(task="outbox")
         self._batch = batch
-        self._wake = asyncio.Event()
+        self._wake = wake if wake is not None else asyncio.Event()
+        self._retry = retry
         #: Events published since start (for logs and tests).
         self.published = 0
 
@@ -62,7 +71,7 @@ class OutboxPublisher:
 
     async def run(self) -> None:
         """Publish until cancelled or the connection is gone; retry after failures."""
-        backoff = Backoff(self._poll, 30.0)
+        backoff = self._retry.backoff()
         while is_open(self._connection):
             try:
                 channel = await self._connection.channel(publisher_confirms=True)
@@ -120,4 +129,4 @@ def _message(event: PendingEvent) -> aio_pika.Message:
 
 
 def _expected(error: BaseException) -> bool:
-    return isinstance(error, StorageUnavailable | ConnectionError | OSError) or is_transient(error)
+    return isinstance(error, (StorageUnavailable, *CONNECTION_ERRORS)) or is_transient(error)

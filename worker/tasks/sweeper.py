@@ -16,13 +16,15 @@ import contextlib
 import random
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange, DeliveryMode
+from structlog.typing import FilteringBoundLogger
 
 from token_budget.client.connection import is_open
 from token_budget.schemas import COMMANDS_EXCHANGE, CONTENT_TYPE, ExpireReservations
+from token_budget.worker.backoff import RetryPolicy, pause
 
 __all__ = ["OverdueStore", "Sweeper"]
 
@@ -32,6 +34,8 @@ class OverdueStore(Protocol):
 
 
 class Sweeper:
+    """Asks each overdue agent's lane to expire its holds; harmless when repeated."""
+
     def __init__(
         self,
         store: OverdueStore,
@@ -39,7 +43,8 @@ class Sweeper:
         *,
         interval: float,
         user_id: str | None,
-        log: Any,
+        retry: RetryPolicy,
+        log: FilteringBoundLogger,
         limit: int = 1000,
     ) -> None:
         self._store = store
@@ -50,6 +55,7 @@ class Sweeper:
         self._user_id = user_id
         self._log = log.bind(task="sweeper")
         self._limit = limit
+        self._retry = retry
         #: agent -> when we last asked; a lane that is behind is not asked again
         #: at every sweep, only after ``resend_after`` seconds.
         self._asked: dict[str, float] = {}
@@ -58,11 +64,13 @@ class Sweeper:
         self.requested = 0
 
     async def run(self) -> None:
+        backoff = self._retry.backoff()
         while is_open(self._connection):
             try:
                 channel = await self._connection.channel(publisher_confirms=True)
                 try:
                     exchange = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
+                    backoff.reset()
                     while True:
                         await self.sweep(exchange)
                         # Jittered, so that workers started together spread out.
@@ -75,8 +83,9 @@ class Sweeper:
             except Exception as error:
                 if not is_open(self._connection):
                     return
-                self._log.warning("sweep_failed", error=repr(error)[:300])
-                await asyncio.sleep(self._interval)
+                delay = backoff.next()
+                self._log.warning("sweep_failed", error=repr(error)[:300], retry_in_s=delay)
+                await pause(delay)
 
     async def sweep(self, exchange: AbstractExchange) -> int:
         """Ask for the expiry of every overdue agent not asked recently; how many asked."""

@@ -21,13 +21,13 @@ half-way is finished by the next worker to declare the topology.
 """
 
 import asyncio
-from typing import Any
 
 from aio_pika.abc import AbstractConnection
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.typing import FilteringBoundLogger
 
 from token_budget.client.connection import is_open
 from token_budget.worker.backoff import pause
@@ -50,7 +50,7 @@ class RoutingUpgrade:
         spec: TopologySpec,
         *,
         worker_id: str,
-        log: Any,
+        log: FilteringBoundLogger,
         check_interval: float = 1.0,
     ) -> None:
         self._engine = engine

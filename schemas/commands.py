@@ -50,6 +50,8 @@ __all__ = [
 
 
 class CommandType(StrEnum):
+    """The ``type`` field of every command, as on the wire."""
+
     REGISTER_AGENT = "register_agent"
     ALLOCATE = "allocate"
     CONSUME = "consume"

@@ -86,11 +86,15 @@ class OkReply(_Wire):
 
 
 class ValidationIssue(_Wire):
+    """One field of an invalid command and what is wrong with it."""
+
     loc: str
     msg: str
 
 
 class ErrorBody(_Wire):
+    """Why a command was refused: a stable ``code`` and a message for people."""
+
     code: ErrorCode
     message: str
     #: insufficient_budget: what was asked for and what was left.
@@ -101,6 +105,8 @@ class ErrorBody(_Wire):
 
 
 class ErrorReply(_Wire):
+    """The reply to a refused or invalid command."""
+
     ok: Literal[False] = False
     error: ErrorBody
 

@@ -61,6 +61,8 @@ class TopologyError(WorkerError):
 
 
 class PluginMissing(TopologyError):
+    """The broker lacks the x-modulus-hash exchange type (rabbitmq_sharding)."""
+
     code = "plugin_missing"
 
     def __init__(self) -> None:

@@ -19,6 +19,8 @@ __all__ = ["AuthMode", "LogFormat", "Settings", "default_database_url"]
 
 
 class LogFormat(StrEnum):
+    """``BUDGET_LOG_FORMAT``: ``auto`` is JSON unless stderr is a terminal."""
+
     AUTO = "auto"
     JSON = "json"
     CONSOLE = "console"

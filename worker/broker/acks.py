@@ -21,6 +21,8 @@ __all__ = ["Disposition", "Settlement", "settle", "settle_failure"]
 
 
 class Disposition(StrEnum):
+    """What becomes of a delivery or a whole batch; ``Lane._act`` carries it out."""
+
     #: Covered by the batch's single ``multiple=True`` acknowledgement.
     ACK = "ack"
     #: Published to ``budget.dead`` (confirmed) before the batch's acknowledgement.
@@ -33,6 +35,8 @@ class Disposition(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
+    """One delivery's fate after its batch committed, and what to announce."""
+
     disposition: Disposition
     #: Publish a ``command_refused`` event (refused, fire-and-forget).
     event: bool = False

@@ -41,6 +41,8 @@ AGENT_OWN = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class AuthPolicy:
+    """Who may send which command (``BUDGET_AUTH``): checked per command, before the database."""
+
     mode: AuthMode = AuthMode.NONE
     admin_users: frozenset[str] = frozenset()
     #: The broker user the workers connect as: it holds every queue already,

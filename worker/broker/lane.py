@@ -43,6 +43,8 @@ _STOP: Any = object()
 
 @dataclass(frozen=True, slots=True)
 class LaneConfig:
+    """What every lane of a worker shares: limits, retry policy, logging, auth, lane map."""
+
     prefetch: int
     batch_max: int
     max_body_bytes: int

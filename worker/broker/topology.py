@@ -64,6 +64,8 @@ class Routing(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TopologySpec:
+    """The deployment's shape: lane count and delivery limit, fixed for its life."""
+
     partitions: int
     delivery_limit: int
     #: Only tests change this, to reproduce a missing plugin without disabling it.

@@ -26,6 +26,8 @@ class Envelope:
 
 
 class OutcomeKind(StrEnum):
+    """How a command ended; the lane settles each kind (broker/acks.py)."""
+
     APPLIED = "applied"
     REFUSED = "refused"
     DUPLICATE = "duplicate"
@@ -42,6 +44,8 @@ class OutcomeKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """A command's result as committed: the reply and its encoded body."""
+
     kind: OutcomeKind
     reply: Reply
     #: The reply's encoded body; for a duplicate, the first outcome's body as stored.

@@ -92,6 +92,8 @@ class Hold:
 
 @dataclass(slots=True)
 class AgentState:
+    """One agent's budget as the rules see it, loaded once per batch."""
+
     agent_id: str
     registered: bool = False
     has_budget: bool = False

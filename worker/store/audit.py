@@ -36,6 +36,8 @@ COMMAND_KINDS = frozenset(KIND_EFFECTS) - {"expire"}
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
+    """One applied command as the ledger recorded it."""
+
     seq: int
     kind: str
     amount: int
@@ -49,6 +51,8 @@ class LedgerEntry:
 
 @dataclass(frozen=True, slots=True)
 class Discrepancy:
+    """A balance that disagrees with the sum of its ledger."""
+
     agent_id: str
     check: str
     expected: Any

@@ -53,6 +53,8 @@ def db_now(dialect: str) -> ColumnElement[float]:
 
 @dataclass(frozen=True, slots=True)
 class Member:
+    """A worker in the pool, as its last beat recorded it."""
+
     worker_id: str
     name: str
     started_at: float
@@ -61,6 +63,8 @@ class Member:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
+    """Who holds a partition, under which epoch, until when (database time)."""
+
     partition: int
     owner: str | None
     epoch: int
@@ -69,6 +73,8 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class PoolView:
+    """One consistent reading of the pool: live workers, leases, the database's now."""
+
     now: float
     members: list[Member]
     leases: dict[int, Lease]
@@ -90,6 +96,11 @@ class PoolView:
 
 
 class LeaseStore:
+    """Partition leases in the shared database, timed by the database's clock.
+
+    Promises: acquiring bumps the epoch, so a former owner's commits are
+    fenced; a lease is taken only when free, expired or already ours."""
+
     def __init__(
         self,
         engine: AsyncEngine,

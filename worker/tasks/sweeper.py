@@ -30,6 +30,8 @@ __all__ = ["OverdueStore", "Sweeper"]
 
 
 class OverdueStore(Protocol):
+    """What the sweeper needs of the database (``BudgetService`` has it)."""
+
     async def overdue_agents(self, *, limit: int = ...) -> list[str]: ...
 
 

@@ -23,9 +23,8 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal
 
 import aio_pika
@@ -55,7 +54,7 @@ from token_budget.schemas import (
     RegisterAgent,
 )
 
-from .connection import CONNECTION_ERRORS, is_open
+from .connection import CONNECTION_ERRORS, Connecting, is_open
 from .errors import (
     BrokerUnavailable,
     BudgetClientError,
@@ -72,9 +71,6 @@ __all__ = ["BudgetClient", "ReplyQueue", "new_message_id"]
 ReplyQueue = Literal["direct", "exclusive"]
 
 _log = logging.getLogger(__name__)
-
-#: A request that failed because of the broker, not of the request.
-#: Opening channels on a connection that died under us also says RuntimeError.
 
 
 def new_message_id() -> str:
@@ -135,9 +131,9 @@ class BudgetClient(ReservationCommands):
         reply_queue: ReplyQueue = "direct",
         name: str | None = None,
         user_id: str | None = None,
-    ) -> "_Connecting":
+    ) -> "Connecting[BudgetClient]":
         """Awaitable (returns the connected client) and an async context manager."""
-        return _Connecting(
+        return Connecting(
             cls(url, timeout=timeout, reply_queue=reply_queue, name=name, user_id=user_id)
         )
 
@@ -392,27 +388,6 @@ class BudgetClient(ReservationCommands):
             pending.future.exception()  # retrieved: no "never retrieved" warning
         else:
             pending.future.cancel()
-
-
-class _Connecting:
-    """What ``BudgetClient.connect`` returns: await it, or ``async with`` it."""
-
-    def __init__(self, client: BudgetClient) -> None:
-        self._client = client
-
-    def __await__(self) -> Generator[Any, None, BudgetClient]:
-        return self._client.__aenter__().__await__()
-
-    async def __aenter__(self) -> BudgetClient:
-        return await self._client.__aenter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._client.close()
 
 
 def _checked_message_id(message_id: str | None) -> str:

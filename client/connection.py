@@ -12,10 +12,14 @@ channel, …), so that what aio-pika's own robust connection treats as lost,
 we do too.
 """
 
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
+
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-__all__ = ["CONNECTION_ERRORS", "is_open"]
+__all__ = ["CONNECTION_ERRORS", "Connecting", "is_open"]
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     *CONNECTION_EXCEPTIONS,
@@ -31,3 +35,33 @@ def is_open(connection: AbstractConnection | None) -> bool:
     transport = connection.transport
     underlay = transport.connection if transport is not None else None
     return underlay is not None and not underlay.is_closed
+
+
+class _Session(Protocol):
+    async def __aenter__(self) -> Self: ...
+
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Session)
+
+
+class Connecting(Generic[S]):
+    """What ``BudgetClient.connect`` returns: await it, or ``async with`` it."""
+
+    def __init__(self, client: S) -> None:
+        self._client = client
+
+    def __await__(self) -> Generator[Any, None, S]:
+        return self._client.__aenter__().__await__()
+
+    async def __aenter__(self) -> S:
+        return await self._client.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client.close()

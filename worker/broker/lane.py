@@ -20,13 +20,15 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from structlog.typing import FilteringBoundLogger
 
 from token_budget.client.connection import is_open
-from token_budget.schemas import ErrorBody, ErrorCode, ErrorReply, LaneMap, encode_reply
+from token_budget.schemas import ErrorCode, ErrorReply, LaneMap
 from token_budget.worker.backoff import Backoff, RetryPolicy, pause
 from token_budget.worker.broker.acks import Disposition, Settlement, settle, settle_failure
 from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
-from token_budget.worker.broker.decode import Invalid, decode
+from token_budget.worker.broker.batch_log import log_batch
+from token_budget.worker.broker.decode import Invalid
+from token_budget.worker.broker.delivery import can_reply, decode_delivery, reply_body
 from token_budget.worker.broker.publisher import DRAIN_MARKER, Publisher
-from token_budget.worker.broker.wire_guard import clean_text, has_invalid_text
+from token_budget.worker.broker.wire_guard import clean_text
 from token_budget.worker.domain.outcomes import (
     CommandApplier,
     Envelope,
@@ -247,18 +249,22 @@ class Lane:
         publisher = work.publisher
         pending: list[Awaitable[Any]] = []
         for message, item, result in zip(batch, decoded, results, strict=True):
-            settlement = settle(result, has_reply_to=_can_reply(message))
+            settlement = settle(result, has_reply_to=can_reply(message))
             pending.append(self._act(settlement.disposition, work, message, settlement))
-            if _can_reply(message):
+            if can_reply(message):
                 duplicate = isinstance(result, Outcome) and result.kind is OutcomeKind.DUPLICATE
-                pending.append(publisher.reply(message, _body(result), duplicate=duplicate))
+                pending.append(publisher.reply(message, reply_body(result), duplicate=duplicate))
             if settlement.event and isinstance(item, Envelope) and isinstance(result, Outcome):
                 assert isinstance(result.reply, ErrorReply)
                 pending.append(publisher.refused(item.command, item.message_id, result.reply))
         await asyncio.gather(*pending)
         # Everything the batch published is confirmed: now its one acknowledgement.
         await self._act(Disposition.ACK, work)
-        self._log_batch(batch, decoded, results, time.perf_counter() - started)
+        log_batch(
+            self._log, batch, decoded, results, time.perf_counter() - started, self._config.log_ops
+        )
+        if self._config.on_settled is not None:
+            self._config.on_settled(len(batch))
         await self._drained(drained)
 
     async def _act(
@@ -335,17 +341,7 @@ class Lane:
         self._log.info("lane_drained", queue=self.queue_name)
 
     def _decode(self, message: AbstractIncomingMessage) -> Envelope | Invalid:
-        for name in _TEXT_PROPERTIES:
-            if has_invalid_text(getattr(message, name)):
-                return Invalid(f"property {name} is not valid UTF-8")
-        item = decode(
-            message.body,
-            routing_key=message.routing_key,
-            message_id=message.message_id,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            max_body_bytes=self._config.max_body_bytes,
-        )
+        item = decode_delivery(message, max_body_bytes=self._config.max_body_bytes)
         lanes = self._config.lanes
         if isinstance(item, Envelope) and lanes is not None and self._draining is None:
             home = lanes.index_of(item.command.agent_id)
@@ -395,80 +391,6 @@ class Lane:
 
     async def _pause(self, seconds: float) -> None:
         await pause(seconds, self._wake)
-
-    def _log_batch(
-        self,
-        batch: list[AbstractIncomingMessage],
-        decoded: list[Envelope | Invalid],
-        results: list[Outcome | Invalid],
-        seconds: float,
-    ) -> None:
-        # One line per batch: a summary people can read, and (``log_ops``)
-        # every operation as a compact [message_id, agent, type, tokens,
-        # outcome]: a line per command would cost more than applying it.
-        ops = []
-        agents = set()
-        counts: dict[str, int] = {}
-        log_ops = self._config.log_ops
-        for message, item, result in zip(batch, decoded, results, strict=True):
-            if isinstance(result, Invalid):
-                kind = outcome = "dead_lettered"
-                self._log.warning(
-                    "command_dead_lettered", message_id=message.message_id, reason=result.reason
-                )
-            else:
-                kind = outcome = result.kind.value
-                if not result.reply.ok:
-                    outcome = f"{kind}:{result.reply.error.code}"
-            counts[kind] = counts.get(kind, 0) + 1
-            if isinstance(item, Envelope):
-                agents.add(item.command.agent_id)
-            if log_ops and isinstance(item, Envelope):
-                command = item.command
-                tokens = getattr(command, "tokens", None)
-                ops.append((item.message_id, command.agent_id, command.type, tokens, outcome))
-        if self._config.on_settled is not None:
-            self._config.on_settled(len(batch))
-        summary: dict[str, Any] = {
-            "size": len(batch),
-            "agents": len(agents),
-            "outcomes": counts,
-            "duration_ms": round(seconds * 1000, 3),
-        }
-        if log_ops:
-            summary["ops"] = ops
-        self._log.info("batch_applied", **summary)
-
-
-_TEXT_PROPERTIES = (
-    "routing_key",
-    "message_id",
-    "correlation_id",
-    "reply_to",
-    "content_type",
-    "content_encoding",
-    "type",
-    "app_id",
-    "headers",
-)
-
-
-def _can_reply(message: AbstractIncomingMessage) -> bool:
-    return bool(message.reply_to) and not has_invalid_text(message.reply_to)
-
-
-def _body(result: Outcome | Invalid) -> bytes:
-    if isinstance(result, Outcome):
-        return result.body
-    return encode_reply(
-        ErrorReply(
-            error=ErrorBody(
-                code=result.code,
-                message=result.reason,
-                errors=list(result.issues) or None,
-            )
-        )
-    )
 
 
 async def _close(channel: AbstractChannel) -> None:

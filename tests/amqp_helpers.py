@@ -6,9 +6,9 @@ behaviour, so they speak AMQP themselves.
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
+from tests.eventually import eventually
 from token_budget.schemas import (
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
@@ -37,9 +38,29 @@ __all__ = [
     "Outgoing",
     "ask",
     "command",
+    "connect",
+    "connection_name",
     "open_amqp",
     "setup_agent",
 ]
+
+
+#: The node id of the running test, set by conftest.py's autouse fixture.
+TEST_ID: ContextVar[str] = ContextVar("TEST_ID", default="token-budget tests")
+
+
+def connection_name() -> str:
+    """The name a test's connections carry: its node id, so that a connection it
+    leaks names it in the management UI (as aio-pika's own test suite does)."""
+    return TEST_ID.get()
+
+
+async def connect(url: str, **options: Any) -> AbstractConnection:
+    """``aio_pika.connect``, the connection named after the running test."""
+    connection: AbstractConnection = await aio_pika.connect(
+        url, client_properties={"connection_name": connection_name()}, **options
+    )
+    return connection
 
 
 class _Absent(str):
@@ -113,41 +134,40 @@ class Outgoing:
         return message
 
 
+#: Polling a list in memory costs nothing: look often, so that a test that
+#: asks many questions in turn does not wait long for each answer.
+_IN_MEMORY = 0.01
+
+
 @dataclass
 class Collector:
     """Everything that arrives on one queue, in arrival order."""
 
     messages: list[AbstractIncomingMessage] = field(default_factory=list)
-    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         self.messages.append(message)
-        self._arrived.set()
-
-    async def wait_for(
-        self, predicate: Callable[[list[AbstractIncomingMessage]], bool], within: float = 30.0
-    ) -> list[AbstractIncomingMessage]:
-        deadline = time.monotonic() + within
-        while not predicate(self.messages):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"condition not met in {within}s; {len(self.messages)} arrived")
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                continue
-        return list(self.messages)
 
     async def wait_count(self, count: int, within: float = 30.0) -> list[AbstractIncomingMessage]:
-        return await self.wait_for(lambda messages: len(messages) >= count, within)
+        """Every message so far, once at least ``count`` have arrived."""
+        return await eventually(
+            lambda: list(self.messages),
+            within=within,
+            what=f"{count} messages",
+            done=lambda messages: len(messages) >= count,
+            interval=_IN_MEMORY,
+        )
 
     async def reply(self, correlation_id: str, within: float = 30.0) -> AbstractIncomingMessage:
         """The first message with ``correlation_id``, waiting for it if need be."""
-        found = await self.wait_for(
-            lambda ms: any(m.correlation_id == correlation_id for m in ms), within
+        found = await eventually(
+            lambda: next((m for m in self.messages if m.correlation_id == correlation_id), None),
+            within=within,
+            what=f"the reply {correlation_id!r}",
+            interval=_IN_MEMORY,
         )
-        return next(m for m in found if m.correlation_id == correlation_id)
+        assert found is not None
+        return found
 
     def by_correlation(self) -> dict[str, list[AbstractIncomingMessage]]:
         grouped: dict[str, list[AbstractIncomingMessage]] = {}
@@ -251,7 +271,7 @@ class Amqp:
 
 @asynccontextmanager
 async def open_amqp(amqp_url: str) -> AsyncIterator[Amqp]:
-    connection = await aio_pika.connect(amqp_url, timeout=10)
+    connection = await connect(amqp_url, timeout=10)
     try:
         channel = await connection.channel(publisher_confirms=True)
         commands = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)

@@ -1,7 +1,9 @@
 """Fixtures: every test gets its own vhost and its own database, on real services.
 
 ``database_url`` is parametrized, so each test that uses it runs against
-SQLite and PostgreSQL.
+SQLite and PostgreSQL; ``@pytest.mark.sqlite_only`` or
+``@pytest.mark.postgresql_only`` runs it against that one alone. Every AMQP
+connection a test opens is named after the test (``amqp_connection_name``).
 """
 
 import os
@@ -13,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.amqp_helpers import TEST_ID, connection_name
 from tests.inprocess import running
 from tests.processes import WorkerProcess
 from tests.support import RabbitAdmin, create_pg_database, drop_pg_database, unique
@@ -31,6 +34,39 @@ configure_logging("info", LogFormat.CONSOLE)
 hypothesis.settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 hypothesis.settings.register_profile("dev", deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+#: The databases a test that uses ``database_url`` runs against.
+DATABASES = ("sqlite", "postgresql")
+#: marker -> the one database a test so marked runs against.
+ONLY = {f"{name}_only": name for name in DATABASES}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test that uses ``database_url`` runs once per database in ``DATABASES``,
+    or only on the one its ``sqlite_only``/``postgresql_only`` marker names.
+
+    Whatever ``reason=`` such a marker gives says why, for the reader.
+    """
+    wanted = {ONLY[m.name] for m in metafunc.definition.iter_markers() if m.name in ONLY}
+    where = metafunc.definition.nodeid
+    if len(wanted) > 1:
+        raise pytest.UsageError(f"{where}: marked for more than one database only")
+    if "database_url" not in metafunc.fixturenames:
+        if wanted:
+            raise pytest.UsageError(f"{where}: marked for one database, but uses no database_url")
+        return
+    metafunc.parametrize("database_url", sorted(wanted) or list(DATABASES), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def amqp_connection_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """This test's node id: the name of every AMQP connection it opens, so that a
+    connection it leaks names it in the management UI."""
+    token = TEST_ID.set(request.node.nodeid)
+    yield request.node.nodeid
+    TEST_ID.reset(token)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +92,7 @@ def amqp_url(rabbit: RabbitAdmin, vhost: str) -> str:
     return rabbit.amqp_url(vhost)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture
 async def database_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[str]:
@@ -100,7 +136,7 @@ async def worker(worker_settings: Settings) -> AsyncIterator[Worker]:
 @pytest.fixture
 async def client(worker: Worker, amqp_url: str) -> AsyncIterator[BudgetClient]:
     """The SDK, connected to the running ``worker``'s vhost."""
-    async with BudgetClient.connect(amqp_url, timeout=20) as connected:
+    async with BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as connected:
         yield connected
 
 

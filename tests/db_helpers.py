@@ -1,10 +1,7 @@
 """Read what the worker wrote, through an engine of the test's own."""
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,10 +20,7 @@ __all__ = [
     "ledger_size",
     "processed_ids",
     "reader",
-    "wait_until",
 ]
-
-T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -78,22 +72,6 @@ async def processed_ids(engine: AsyncEngine) -> set[str]:
     async with engine.connect() as conn:
         rows = await conn.execute(select(processed_commands.c.message_id))
         return {message_id for (message_id,) in rows}
-
-
-async def wait_until(
-    probe: Callable[[], Awaitable[T]],
-    done: Callable[[T], bool],
-    *,
-    within: float,
-    interval: float = 0.2,
-) -> T:
-    """Poll ``probe`` until ``done`` holds or ``within`` seconds pass; return the last value."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if done(value) or time.monotonic() >= deadline:
-            return value
-        await asyncio.sleep(interval)
 
 
 async def assert_books_in_order_on_own_lanes(

@@ -8,12 +8,12 @@ import contextlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -86,11 +86,7 @@ class PrivateRabbit:
                 shutil.chown(path, "rabbitmq", "rabbitmq")
         (self.dir / "pid").unlink(missing_ok=True)
         subprocess.run(["rabbitmq-server", "-detached"], env=self.env, check=True, timeout=60)
-        deadline = time.monotonic() + 90
-        while not (self.dir / "pid").exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError("private RabbitMQ wrote no pid file")
-            time.sleep(0.2)
+        # Waits for the pid file to appear, then for the node to boot.
         self.ctl("wait", str(self.dir / "pid"), "--timeout", "90")
         return self
 
@@ -104,12 +100,18 @@ class PrivateRabbit:
     def kill(self) -> None:
         """SIGKILL the node's Erlang VM: a crash, not a stop (nothing is flushed)."""
         pid = int((self.dir / "pid").read_text().strip())
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _alive(pid):
-            if time.monotonic() > deadline:
+        try:
+            # Not our child (detached): its pidfd, not waitpid, says when it has died.
+            exited = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+            readable, _, _ = select.select([exited], [], [], 30)
+            if not readable:
                 raise TimeoutError(f"RabbitMQ VM {pid} survived SIGKILL")
-            time.sleep(0.1)
+        finally:
+            os.close(exited)
 
     def restart(self, how: str) -> None:
         """``stop_app``/``start_app`` (a graceful restart), or ``kill`` and boot again."""
@@ -137,18 +139,6 @@ class PrivateRabbit:
         with contextlib.suppress(Exception):  # already gone
             self.ctl("stop", timeout=60)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers signal 0: its state in /proc says it is gone.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-            return False
-    return True
 
 
 class PrivateCluster:

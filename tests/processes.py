@@ -1,14 +1,14 @@
 """Real worker processes for tests that kill, pause and restart them."""
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from tests.eventually import eventually
 
 __all__ = ["WorkerProcess"]
 
@@ -57,23 +57,28 @@ class WorkerProcess:
                 events.append({"event": "raw", "line": line})
         return events
 
-    def wait_for_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in self.events():
-                if event.get("event") == name:
-                    return event
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}: {self.tail()}")
-            time.sleep(0.05)
-        raise TimeoutError(f"no {name!r} within {timeout}s: {self.tail()}")
+    async def wait_for_event(self, name: str, within: float = 30.0) -> dict[str, Any]:
+        """The first ``name`` event since the last start, once it is logged.
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        self.wait_for_event("worker_ready", timeout)
+        Fails at once if the process exits first; either failure shows the log's tail.
+        """
 
-    async def ready(self, within: float = 60.0) -> None:
-        """``wait_ready`` without blocking the event loop."""
-        await asyncio.to_thread(self.wait_for_event, "worker_ready", within)
+        def logged() -> dict[str, Any] | None:
+            found = next((e for e in self.events() if e.get("event") == name), None)
+            if found is None and self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode} before {name!r}")
+            return found
+
+        try:
+            event = await eventually(logged, within=within, what=f"the worker's {name!r}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.tail()}") from None
+        assert event is not None
+        return event
+
+    async def wait_ready(self, within: float = 60.0) -> dict[str, Any]:
+        """Its ``worker_ready`` event (which names its ``worker_id``), once logged."""
+        return await self.wait_for_event("worker_ready", within)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

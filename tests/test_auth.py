@@ -1,4 +1,6 @@
-"""The authorization rule table (worker/auth.py), its settings and its settlement."""
+"""The authorization rule table (worker/broker/auth.py) and its settings.
+
+How an unauthorized command is settled is in tests/test_settle.py."""
 
 import json
 from typing import Any
@@ -9,7 +11,6 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from token_budget.schemas import Command, CommandType, ErrorCode, ErrorReply, parse_command
-from token_budget.worker.broker.acks import Disposition, settle
 from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
 from token_budget.worker.domain.outcomes import OutcomeKind
 from token_budget.worker.settings import AuthMode, Settings
@@ -181,21 +182,6 @@ def test_unauthorized_outcome_is_an_error_reply_with_the_code() -> None:
     body = json.loads(outcome.body)
     assert body["ok"] is False and body["error"]["code"] == "unauthorized"
     assert set(body["error"]) == {"code", "message"}
-
-
-@pytest.mark.parametrize("kind", list(CommandType))
-def test_unauthorized_fire_and_forget_is_acknowledged_with_an_event(kind: CommandType) -> None:
-    error = authorize(make(kind, "agent-b"), None, POLICY)
-    assert error is not None
-    settlement = settle(unauthorized_outcome(error), has_reply_to=False)
-    assert (settlement.disposition, settlement.event) == (Disposition.ACK, True)
-
-
-def test_unauthorized_with_reply_to_is_acknowledged_and_answered_without_event() -> None:
-    error = authorize(make(CommandType.CONSUME, "agent-b"), "agent-a", POLICY)
-    assert error is not None
-    settlement = settle(unauthorized_outcome(error), has_reply_to=True)
-    assert (settlement.disposition, settlement.event) == (Disposition.ACK, False)
 
 
 def test_settings_default_to_no_authorization(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,8 +20,10 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from sqlalchemy import select
 
-from tests.amqp_helpers import Collector, command, open_amqp
-from tests.db_helpers import balances, processed_ids, reader, wait_until
+from tests.amqp_helpers import Collector, command, connect, connection_name, open_amqp
+from tests.db_helpers import balances, processed_ids, reader
+from tests.eventually import eventually
+from tests.inprocess import running
 from tests.support import RabbitAdmin, unique
 from tests.test_ctl import run_ctl
 from token_budget.client import BudgetClient, UnauthorizedError
@@ -38,8 +40,6 @@ from token_budget.schemas import (
 from token_budget.worker.app import Worker
 from token_budget.worker.settings import AuthMode, Settings
 from token_budget.worker.store.tables import reservations
-
-sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 PASSWORD = uuid.uuid4().hex
 #: Pass as ``user_id`` to publish without one.
@@ -99,16 +99,9 @@ async def auth_worker(worker_settings: Settings, users: Users) -> AsyncIterator[
             "reservation_sweep_interval": 0.2,
         }
     )
-    running = Worker(settings)
-    task = asyncio.create_task(running.run())
-    ready = asyncio.create_task(running.ready.wait())
-    await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    assert running.ready.is_set(), "worker did not become ready in 30 s"
-    handle = AuthWorker(running, task)
-    yield handle
-    await handle.stop()
+    worker = Worker(settings)
+    async with running(worker) as [task]:
+        yield AuthWorker(worker, task)
 
 
 @dataclass
@@ -159,7 +152,7 @@ async def session(
 ) -> AsyncIterator[Session]:
     """``user``'s session, or guest's if None."""
     url = rabbit.amqp_url(vhost) if user is None else rabbit.amqp_url(vhost, user, PASSWORD)
-    connection = await aio_pika.connect(url, timeout=10)
+    connection = await connect(url, timeout=10)
     try:
         channel = await connection.channel(publisher_confirms=True)
         commands = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
@@ -235,7 +228,7 @@ async def test_unauthorized_command_leaves_its_message_id_unused(
     assert tokens(second) == (users.agent_b, 100, 10, 90)
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_agent_cannot_read_another_agents_budget(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users
 ) -> None:
@@ -248,7 +241,7 @@ async def test_agent_cannot_read_another_agents_budget(
     assert all(unauthorized(reply) for reply in replies), replies
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_agent_cannot_allocate_even_to_itself(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users, database_url: str
 ) -> None:
@@ -262,7 +255,7 @@ async def test_agent_cannot_allocate_even_to_itself(
         assert (await balances(engine))[users.agent_a] == (100, 0)
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_command_without_user_id_is_unauthorized(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users
 ) -> None:
@@ -277,7 +270,7 @@ async def test_command_without_user_id_is_unauthorized(
     assert never_registered.error.code == "agent_not_found"
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_user_id_of_another_user_is_refused_by_the_broker(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users
 ) -> None:
@@ -291,7 +284,7 @@ async def test_user_id_of_another_user_is_refused_by_the_broker(
         assert not agent_a.connection.is_closed
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_unauthorized_fire_and_forget_command_is_announced_as_an_event(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users, amqp_url: str
 ) -> None:
@@ -313,7 +306,7 @@ async def test_unauthorized_fire_and_forget_command_is_announced_as_an_event(
     assert refused.error.code == "unauthorized"
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_unauthorized_command_is_acknowledged_not_dead_lettered(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users, amqp_url: str
 ) -> None:
@@ -330,32 +323,36 @@ async def test_unauthorized_command_is_acknowledged_not_dead_lettered(
     assert dead_letters == 0
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_sdk_with_user_id_consumes_its_own_budget(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users
 ) -> None:
     await fund(rabbit, vhost, users, 100)
     url = rabbit.amqp_url(vhost, users.agent_a, PASSWORD)
-    async with BudgetClient.connect(url, timeout=20, user_id=users.agent_a) as client:
+    async with BudgetClient.connect(
+        url, timeout=20, name=connection_name(), user_id=users.agent_a
+    ) as client:
         view = await client.consume_and_wait(users.agent_a, 25)
 
     assert (view.allocated_tokens, view.used_tokens) == (100, 25)
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_sdk_raises_unauthorized_error_for_another_agents_budget(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users
 ) -> None:
     await fund(rabbit, vhost, users, 100)
     url = rabbit.amqp_url(vhost, users.agent_a, PASSWORD)
-    async with BudgetClient.connect(url, timeout=20, user_id=users.agent_a) as client:
+    async with BudgetClient.connect(
+        url, timeout=20, name=connection_name(), user_id=users.agent_a
+    ) as client:
         with pytest.raises(UnauthorizedError) as raised:
             await client.consume_and_wait(users.agent_b, 25)
 
     assert raised.value.code == "unauthorized"
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_workers_own_sweeper_still_expires_holds(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users, database_url: str
 ) -> None:
@@ -376,12 +373,15 @@ async def test_workers_own_sweeper_still_expires_holds(
                 return [status for (status,) in rows]
 
         # Nothing more from the agent: only the sweeper can expire the hold.
-        final = await wait_until(statuses, lambda found: found == ["expired"], within=30)
+        await eventually(
+            statuses,
+            within=30,
+            what="the hold expired by the sweeper",
+            done=lambda found: found == ["expired"],
+        )
 
-    assert final == ["expired"]
 
-
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_budgetctl_acts_as_the_user_of_its_broker_url(
     auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users
 ) -> None:

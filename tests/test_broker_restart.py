@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.amqp_helpers import Outgoing, command, open_amqp
+from tests.amqp_helpers import Outgoing, command, connect, open_amqp
 from tests.db_helpers import assert_books_in_order_on_own_lanes, reader
 from tests.eventually import eventually
 from tests.private_services import PrivateRabbit
@@ -80,7 +80,7 @@ def start_worker(
 
 async def _prepare(url: str) -> None:
     """The worker's topology and a durable reply queue that outlives restarts."""
-    connection = await aio_pika.connect(url)
+    connection = await connect(url)
     try:
         await declare_topology(connection, TopologySpec(PARTITIONS, delivery_limit=20))
         channel = await connection.channel()
@@ -113,7 +113,7 @@ async def _publish_finals(url: str, model: Model) -> dict[str, str]:
 async def _replies(url: str, expected: set[str], within: float) -> list[AbstractIncomingMessage]:
     """Every reply in the reply queue once those of ``expected`` have all come."""
     taken: list[AbstractIncomingMessage] = []
-    connection = await aio_pika.connect(url)
+    connection = await connect(url)
     try:
         channel = await connection.channel()
         queue = await channel.get_queue(REPLIES, ensure=False)
@@ -170,7 +170,7 @@ async def test_a_backlog_waiting_through_a_broker_restart_is_applied_in_order(
     rounds, model = make_workload(80, 40, seed=21, prefix="waiting")
     await _prepare(broker_url)
     first = start_worker()
-    await asyncio.to_thread(first.wait_ready, 60)  # migrates the database
+    await first.wait_ready()  # it migrates the database
     first.stop()
     await _publish(broker_url, rounds[:25])
     await asyncio.to_thread(broker.restart, how)
@@ -195,7 +195,7 @@ async def test_a_worker_running_through_a_broker_restart_keeps_order_and_read_yo
     await _prepare(broker_url)
     # Small batches: the backlog is still draining when the broker goes down.
     worker = start_worker(batch_max=8, prefetch=16)
-    await asyncio.to_thread(worker.wait_ready, 60)
+    await worker.wait_ready()
     await _publish(broker_url, rounds[:25])
     async with reader(database_url) as engine:
         done = await eventually(
@@ -206,7 +206,7 @@ async def test_a_worker_running_through_a_broker_restart_keeps_order_and_read_yo
         )
         assert done < model.state_changing
         await asyncio.to_thread(broker.restart, how)
-        await asyncio.to_thread(worker.wait_for_event, "broker_unavailable", 30)
+        await worker.wait_for_event("broker_unavailable", 30)
         await _publish(broker_url, rounds[25:])
         finals = await _publish_finals(broker_url, model)
         replies = await _replies(broker_url, set(model.seen) | set(finals), within=120)
@@ -219,7 +219,7 @@ async def test_a_worker_running_through_a_broker_restart_keeps_order_and_read_yo
 async def _landing(url: str, exchange: str, queues: list[str], keys: list[str]) -> dict[str, str]:
     """Publish one message per key to ``exchange``; which queue each landed in."""
     found: dict[str, str] = {}
-    connection = await aio_pika.connect(url)
+    connection = await connect(url)
     try:
         channel = await connection.channel(publisher_confirms=True)
         target = await channel.get_exchange(exchange, ensure=False)
@@ -244,7 +244,7 @@ async def _landing(url: str, exchange: str, queues: list[str], keys: list[str]) 
 async def legacy_ring(broker_url: str) -> AsyncIterator[list[str]]:
     """16 quorum queues behind an x-consistent-hash exchange, as contract 1.1 ran."""
     names = [f"legacy.lane.{i:03d}" for i in range(16)]
-    connection = await aio_pika.connect(broker_url)
+    connection = await connect(broker_url)
     try:
         channel = await connection.channel()
         ring = await channel.declare_exchange("legacy.commands", "x-consistent-hash", durable=True)
@@ -261,7 +261,7 @@ async def legacy_ring(broker_url: str) -> AsyncIterator[list[str]]:
 async def test_no_agent_changes_lane_across_broker_restarts(
     broker: PrivateRabbit, broker_url: str, legacy_ring: list[str]
 ) -> None:
-    connection = await aio_pika.connect(broker_url)
+    connection = await connect(broker_url)
     try:
         await declare_topology(connection, TopologySpec(16, delivery_limit=20))
     finally:

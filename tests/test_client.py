@@ -1,13 +1,12 @@
 """The SDK against the real worker, broker and both databases."""
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 
-import aio_pika
 import pytest
 from pydantic import ValidationError
 
+from tests.amqp_helpers import connect, connection_name
+from tests.eventually import eventually
 from tests.inprocess import running
 from tests.support import funded, unique
 from token_budget.client import (
@@ -40,13 +39,6 @@ from token_budget.worker.broker.topology import TopologySpec, declare_topology
 from token_budget.worker.settings import Settings
 
 REPLY_QUEUES: list[ReplyQueue] = ["direct", "exclusive"]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def view(agent: str, allocated: int | None, used: int | None) -> BudgetView:
@@ -93,22 +85,24 @@ async def test_consume_is_confirmed_then_applied(client: BudgetClient) -> None:
     agent = await funded(client, 100)
     message_id = await client.consume(agent, 25, message_id=unique("m"))
     assert message_id.startswith("m-")
-
-    async def applied() -> bool:
-        return await client.get_available(agent) == 75
-
-    await eventually(applied)
+    await eventually(
+        lambda: client.get_available(agent),
+        within=20,
+        what="the consume applied",
+        done=lambda available: available == 75,
+    )
 
 
 async def test_consume_returns_a_new_message_id_by_default(client: BudgetClient) -> None:
     agent = await funded(client, 100)
     first, second = await client.consume(agent, 1), await client.consume(agent, 1)
     assert first != second and len(first) == 32
-
-    async def applied() -> bool:
-        return await client.get_available(agent) == 98
-
-    await eventually(applied)
+    await eventually(
+        lambda: client.get_available(agent),
+        within=20,
+        what="both consumes applied",
+        done=lambda available: available == 98,
+    )
 
 
 async def test_concurrent_requests_each_get_their_own_reply(client: BudgetClient) -> None:
@@ -122,7 +116,9 @@ async def test_concurrent_requests_each_get_their_own_reply(client: BudgetClient
 async def test_rpc_works_over_each_kind_of_reply_queue(
     worker: Worker, amqp_url: str, reply_queue: ReplyQueue
 ) -> None:
-    async with BudgetClient.connect(amqp_url, timeout=20, reply_queue=reply_queue) as client:
+    async with BudgetClient.connect(
+        amqp_url, timeout=20, name=connection_name(), reply_queue=reply_queue
+    ) as client:
         agent = unique("agent")
         await client.register_agent(agent)
         await client.allocate(agent, 10)
@@ -131,7 +127,7 @@ async def test_rpc_works_over_each_kind_of_reply_queue(
 
 
 async def test_awaited_connect_and_close(worker: Worker, amqp_url: str) -> None:
-    client = await BudgetClient.connect(amqp_url, timeout=20)
+    client = await BudgetClient.connect(amqp_url, timeout=20, name=connection_name())
     try:
         agent = unique("agent")
         assert await client.register_agent(agent) == view(agent, None, None)
@@ -188,7 +184,7 @@ async def test_same_message_id_for_another_command_raises_conflict(client: Budge
 
 async def test_bad_amount_is_refused_before_publishing(amqp_url: str) -> None:
     # No topology on this vhost: a command that got published would raise NotDelivered.
-    async with BudgetClient.connect(amqp_url, timeout=20) as client:
+    async with BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as client:
         with pytest.raises(ValidationError):
             await client.allocate("agent-1", 0)
         with pytest.raises(ValidationError):
@@ -213,7 +209,7 @@ def test_unknown_error_code_maps_to_command_refused() -> None:
 
 
 async def _declare(amqp_url: str, *, lanes: bool) -> None:
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect(amqp_url)
     try:
         if lanes:
             await declare_topology(connection, TopologySpec(partitions=2, delivery_limit=5))
@@ -228,7 +224,9 @@ async def _declare(amqp_url: str, *, lanes: bool) -> None:
 async def test_missing_exchange_raises_not_delivered(
     amqp_url: str, reply_queue: ReplyQueue
 ) -> None:
-    async with BudgetClient.connect(amqp_url, timeout=20, reply_queue=reply_queue) as client:
+    async with BudgetClient.connect(
+        amqp_url, timeout=20, name=connection_name(), reply_queue=reply_queue
+    ) as client:
         with pytest.raises(NotDelivered, match="does not exist"):
             await client.consume("agent-1", 5)
         # The broker closed the channel; the client reopens it for the next call.
@@ -239,7 +237,7 @@ async def test_missing_exchange_raises_not_delivered(
 
 async def test_exchange_without_lanes_returns_the_command_as_not_delivered(amqp_url: str) -> None:
     await _declare(amqp_url, lanes=False)
-    async with BudgetClient.connect(amqp_url, timeout=20) as client:
+    async with BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as client:
         with pytest.raises(NotDelivered, match="unroutable"):
             await client.consume("agent-1", 5)
         with pytest.raises(NotDelivered, match="unroutable"):
@@ -250,7 +248,9 @@ async def test_exchange_without_lanes_returns_the_command_as_not_delivered(amqp_
 async def test_client_works_once_a_worker_starts_after_not_delivered(
     amqp_url: str, worker_settings: Settings, reply_queue: ReplyQueue
 ) -> None:
-    async with BudgetClient.connect(amqp_url, timeout=20, reply_queue=reply_queue) as client:
+    async with BudgetClient.connect(
+        amqp_url, timeout=20, name=connection_name(), reply_queue=reply_queue
+    ) as client:
         with pytest.raises(NotDelivered):
             await client.register_agent("agent-1")
         async with running(Worker(worker_settings)):
@@ -262,7 +262,9 @@ async def test_no_reply_with_nobody_on_the_lanes_raises_no_worker_and_forgets_th
     amqp_url: str, reply_queue: ReplyQueue
 ) -> None:
     await _declare(amqp_url, lanes=True)  # lanes bound, nobody consuming
-    async with BudgetClient.connect(amqp_url, timeout=20, reply_queue=reply_queue) as client:
+    async with BudgetClient.connect(
+        amqp_url, timeout=20, name=connection_name(), reply_queue=reply_queue
+    ) as client:
         with pytest.raises(NoWorker) as caught:
             await client.request(GetBudget(type="get_budget", agent_id="agent-1"), timeout=0.3)
         assert isinstance(caught.value, RequestTimeout)  # what older callers catch
@@ -280,14 +282,14 @@ async def test_an_unanswered_query_with_a_worker_on_the_lanes_is_a_plain_timeout
     amqp_url: str,
 ) -> None:
     await _declare(amqp_url, lanes=True)
-    silent = await aio_pika.connect(amqp_url)
+    silent = await connect(amqp_url)
     try:
         # A consumer that never answers, on every lane: a worker stuck or slow.
         channel = await silent.channel()
         for index in range(2):
             queue = await channel.get_queue(lane_queue_name(index), ensure=False)
             await queue.consume(_ignore)
-        async with BudgetClient.connect(amqp_url, timeout=20) as client:
+        async with BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as client:
             with pytest.raises(RequestTimeout) as caught:
                 await client.request(GetBudget(type="get_budget", agent_id="agent-1"), timeout=0.3)
     finally:
@@ -308,7 +310,7 @@ async def test_retry_after_timeout_with_the_same_message_id_gets_the_outcome(
 ) -> None:
     async with running(Worker(worker_settings)):
         pass  # leaves its topology behind: lanes bound, nobody consuming
-    async with BudgetClient.connect(amqp_url, timeout=20) as client:
+    async with BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as client:
         async with running(Worker(worker_settings)):
             await client.register_agent("agent-1")
         client.timeout = 0.3
@@ -327,5 +329,7 @@ async def test_retry_after_timeout_with_the_same_message_id_gets_the_outcome(
 
 async def test_unreachable_broker_raises_broker_unavailable() -> None:
     with pytest.raises(BrokerUnavailable) as caught:
-        await BudgetClient.connect("amqp://guest:guest@127.0.0.1:1/", timeout=5)
+        await BudgetClient.connect(
+            "amqp://guest:guest@127.0.0.1:1/", timeout=5, name=connection_name()
+        )
     assert isinstance(caught.value, NotDelivered)

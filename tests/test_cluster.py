@@ -19,7 +19,7 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests.amqp_helpers import Outgoing, command
+from tests.amqp_helpers import Outgoing, command, connect
 from tests.db_helpers import assert_books_in_order_on_own_lanes, reader
 from tests.eventually import eventually
 from tests.private_services import PrivateCluster
@@ -87,7 +87,7 @@ class FailoverAmqp:
                 url = self.urls[self._next % len(self.urls)]
                 self._next += 1
                 try:
-                    self._connection = await aio_pika.connect(url, timeout=5)
+                    self._connection = await connect(url, timeout=5)
                 except _LOST:
                     await asyncio.sleep(0.2)
                     continue
@@ -146,7 +146,7 @@ async def test_nodes_restarting_in_turn_under_load_keep_every_agent_on_its_lane_
     amqp = FailoverAmqp(vhost_urls)
     try:
         for process in workers:
-            await asyncio.to_thread(process.wait_ready, 90)
+            await process.wait_ready(90)
         channel = await amqp.channel()
         await channel.declare_queue(REPLIES, durable=True, arguments={"x-queue-type": "quorum"})
         await channel.close()

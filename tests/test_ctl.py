@@ -7,16 +7,16 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aio_pika
 import pytest
 from sqlalchemy import text
 
+from tests.amqp_helpers import connect
 from tests.db_helpers import reader
+from tests.eventually import eventually
 from tests.support import funded, unique
 from token_budget.client import BudgetClient
 from token_budget.schemas import BudgetView
@@ -97,10 +97,12 @@ async def test_consume_is_confirmed_then_applied(ctl: Ctl, client: BudgetClient)
         "message_id": "op-1",
         "status": "confirmed",
     }
-    deadline = time.monotonic() + 20
-    while await client.get_available(agent) != 70:
-        assert time.monotonic() < deadline, "the confirmed consume was never applied"
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: client.get_available(agent),
+        within=20,
+        what="the confirmed consume applied",
+        done=lambda available: available == 70,
+    )
 
 
 async def test_show_prints_the_budget_as_text_or_json(ctl: Ctl, client: BudgetClient) -> None:
@@ -230,7 +232,7 @@ async def test_help_names_the_exit_codes() -> None:
 
 
 async def _lanes_without_a_worker(amqp_url: str) -> None:
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect(amqp_url)
     try:
         await declare_topology(connection, TopologySpec(partitions=4, delivery_limit=20))
     finally:

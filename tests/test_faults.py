@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.amqp_helpers import Amqp, open_amqp
+from tests.amqp_helpers import Amqp, connection_name, open_amqp
 from tests.db_helpers import balances, ledger_ids, processed_ids
 from tests.eventually import eventually
 from tests.private_services import PrivatePostgres, PrivateRabbit
@@ -85,13 +85,13 @@ async def test_twenty_kills_during_load_lose_and_double_nothing(
     assert total >= 20_000
     kills = 0
     current = worker_process(**FAST_POOL)
-    await current.ready()  # it creates and migrates the database the test reads
+    await current.wait_ready()  # it creates and migrates the database the test reads
     async with open_amqp(amqp_url) as amqp, read_only_engine(database_url) as engine:
         # Replies widen the window between a batch's commit and its acknowledgement.
         reply_to, replies = await amqp.reply_queue()
         publisher = asyncio.create_task(publish_rounds(amqp, rounds, reply_to))
         while kills < 20:
-            await current.ready()
+            await current.wait_ready()
             # Kill at a random point: after a random number of commands applied.
             target = await processed(engine) + rng.randint(150, 700)
             await eventually(
@@ -109,9 +109,13 @@ async def test_twenty_kills_during_load_lose_and_double_nothing(
             lambda: _reached(engine, model.state_changing), within=300, what="everything applied"
         )
         await assert_books(engine, model)
-        await replies.wait_for(
-            lambda ms: {m.correlation_id for m in ms} >= {s.message_id for r in rounds for s in r},
+        await eventually(
+            lambda: (
+                {m.correlation_id for m in replies.messages}
+                >= {s.message_id for r in rounds for s in r}
+            ),
             within=120,
+            what="every command answered",
         )
         repeated = assert_replies(model, replies.messages)
         assert await amqp.ready_count(DEAD_LETTER_QUEUE) == 0
@@ -145,16 +149,20 @@ async def test_broker_outage_loses_no_confirmed_consume_and_keeps_order(
         **FAST_POOL,
     ).start()
     try:
-        await worker.ready()
+        await worker.wait_ready()
         agents = [f"outage-{how}-{i}" for i in range(20)]
         # The publisher's own record: what it sent, in order, per agent.
         sent: dict[str, list[tuple[str, int]]] = {a: [] for a in agents}
         raised = 0
-        async with BudgetClient.connect(private_rabbit.url, timeout=10) as client:
+        async with BudgetClient.connect(
+            private_rabbit.url, timeout=10, name=connection_name()
+        ) as client:
             for agent in agents:
                 await client.register_agent(agent)
                 await client.allocate(agent, 450)  # less than is consumed: order decides
-            outage = asyncio.create_task(_outage(private_rabbit, how))
+            outage = asyncio.create_task(
+                _outage(private_rabbit, how, lambda: sum(map(len, sent.values())))
+            )
             index = 0
             while not outage.done() or index < 3000:
                 agent, tokens = agents[index % len(agents)], 1 + index % 7
@@ -208,8 +216,11 @@ async def test_broker_outage_loses_no_confirmed_consume_and_keeps_order(
         worker.stop()
 
 
-async def _outage(node: PrivateRabbit, how: str) -> None:
-    await asyncio.sleep(0.5)  # let publishing get going: the fault lands under load
+async def _outage(node: PrivateRabbit, how: str, confirmed: Callable[[], int]) -> None:
+    """Restart ``node`` once publishing is under way: the fault lands under load."""
+    await eventually(
+        confirmed, within=60, what="publishing under way", done=lambda count: count >= 100
+    )
     await asyncio.to_thread(node.restart, how)
 
 
@@ -243,7 +254,7 @@ async def test_database_outage_holds_commands_unanswered_and_resumes(
             retry_max_seconds=0.5,
             **FAST_POOL,
         ).start()
-        await worker.ready()
+        await worker.wait_ready()
         rounds, model = make_workload(100, 40, seed=13, queries=False, prefix="dbout")
         held = {s.message_id for r in rounds[15:] for s in r}
         async with open_amqp(amqp_url) as amqp:
@@ -298,7 +309,11 @@ async def test_database_outage_holds_commands_unanswered_and_resumes(
                     what="everything applied",
                 )
                 await assert_books(engine, model)
-            await replies.wait_for(lambda ms: {m.correlation_id for m in ms} >= held, within=60)
+            await eventually(
+                lambda: {m.correlation_id for m in replies.messages} >= held,
+                within=60,
+                what="every held command answered",
+            )
             assert_replies(model, replies.messages)
             assert await amqp.ready_count(DEAD_LETTER_QUEUE) == 0
         worker.stop()

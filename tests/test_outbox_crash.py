@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
+from tests.amqp_helpers import Amqp, Outgoing, command, connect, open_amqp
 from tests.db_helpers import reader
 from tests.eventually import eventually
 from tests.private_services import PrivateRabbit
@@ -121,7 +120,7 @@ async def test_workers_killed_mid_publication_lose_no_event(
     agents = [f"ev-{n:02d}" for n in range(60)]
     expected = {(a, t) for a in agents for t in THRESHOLDS}
     current = worker_process(**FAST_POOL)
-    await current.ready()
+    await current.wait_ready()
     async with open_amqp(amqp_url) as amqp, reader(database_url) as engine:
         events = await amqp.bind_events("budget.threshold.#")
         await setup(amqp, agents)
@@ -133,7 +132,7 @@ async def test_workers_killed_mid_publication_lose_no_event(
             current.kill()
             caught_pending += await unpublished(engine) > 0
             current = worker_process(**FAST_POOL)
-            await current.ready()
+            await current.wait_ready()
         await publishing
         await eventually(
             lambda: recorded(engine),
@@ -144,8 +143,11 @@ async def test_workers_killed_mid_publication_lose_no_event(
         await eventually(
             lambda: unpublished(engine), within=60, what="all marked", done=lambda n: n == 0
         )
-        arrived = await events.wait_for(
-            lambda ms: len({m.message_id for m in ms}) >= len(expected), within=60
+        arrived = await eventually(
+            lambda: list(events.messages),
+            within=60,
+            what="every crossing announced",
+            done=lambda ms: len({m.message_id for m in ms}) >= len(expected),
         )
         check_events(arrived, expected)
         assert await reconcile(engine) == []
@@ -156,7 +158,7 @@ async def test_an_event_confirmed_and_not_marked_is_published_again_with_its_id(
     worker_process: Callable[..., WorkerProcess], amqp_url: str, database_url: str
 ) -> None:
     first = worker_process(**FAST_POOL)
-    await first.ready()
+    await first.wait_ready()
     async with open_amqp(amqp_url) as amqp, reader(database_url) as engine:
         events = await amqp.bind_events("budget.threshold.#")
         await setup(amqp, ["marks"])
@@ -169,7 +171,7 @@ async def test_an_event_confirmed_and_not_marked_is_published_again_with_its_id(
             assert await unpublished(engine) == 1
             first.kill()
         second = worker_process(**FAST_POOL)
-        await second.ready()
+        await second.wait_ready()
         await eventually(
             lambda: unpublished(engine), within=60, what="the mark", done=lambda n: n == 0
         )
@@ -177,8 +179,11 @@ async def test_an_event_confirmed_and_not_marked_is_published_again_with_its_id(
         await amqp.publish(
             Outgoing(command("consume", "marks", 30), "marks", message_id="marks:85")
         )
-        found = await events.wait_for(
-            lambda ms: any(m.routing_key == "budget.threshold.80" for m in ms), within=60
+        found = await eventually(
+            lambda: list(events.messages),
+            within=60,
+            what="the crossing of 80",
+            done=lambda ms: any(m.routing_key == "budget.threshold.80" for m in ms),
         )
         assert await reconcile(engine) == []
     again = [m for m in found if m.message_id == sent.message_id]
@@ -215,8 +220,8 @@ async def test_events_pending_while_the_broker_is_down_are_published_when_it_ret
         **FAST_POOL,
     ).start()
     try:
-        await worker.ready()
-        connection = await aio_pika.connect(url)
+        await worker.wait_ready()
+        connection = await connect(url)
         try:
             channel = await connection.channel()
             # Durable, so it keeps the events across the broker's crash; classic,
@@ -247,7 +252,7 @@ async def test_events_pending_while_the_broker_is_down_are_published_when_it_ret
             )
             assert await reconcile(engine) == []
         received: list[AbstractIncomingMessage] = []
-        connection = await aio_pika.connect(url)
+        connection = await connect(url)
         try:
             channel = await connection.channel()
             queue = await channel.get_queue("test.events", ensure=False)

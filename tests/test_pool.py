@@ -1,12 +1,12 @@
 """Worker pools: real processes share the partitions, fail over, and keep the books exact.
 
-Each test runs against SQLite (processes on one host) and PostgreSQL.
+Each test runs against SQLite (processes on one host) and PostgreSQL, but
+the frozen worker's, which needs a database server (PostgreSQL only).
 """
 
 import asyncio
 import json
 import signal
-import time
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.amqp_helpers import Amqp, Collector, open_amqp
 from tests.db_helpers import balances, ledger_ids, reader
+from tests.eventually import eventually
 from tests.processes import WorkerProcess
 from tests.workload import Model, Step, make_workload
 from token_budget.schemas import LaneMap
@@ -32,17 +33,6 @@ async def _processed(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         query = select(func.count()).select_from(processed_commands)
         return int((await conn.execute(query)).scalar_one())
-
-
-async def _wait_for(probe, done, limit: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    value = await probe()
-    while not done(value):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {limit}s: last {value!r}")
-        await asyncio.sleep(0.25)
-        value = await probe()
-    return value
 
 
 def _spread(view: PoolView) -> dict[str, int]:
@@ -103,15 +93,18 @@ async def test_pool_survives_a_killed_worker_with_exact_books(
 ) -> None:
     rounds, model = make_workload(500, 62, seed=3)  # 31,000 commands
     workers = [worker_process(**POOL) for _ in range(3)]
-    for process in workers:
-        process.wait_ready()
+    killed = (await workers[0].wait_ready())["worker_id"]
+    for process in workers[1:]:
+        await process.wait_ready()
     async with reader(database_url) as engine, open_amqp(amqp_url) as amqp:
-        view = await _wait_for(
-            lambda: pool_view(engine, 3), lambda v: _even(v, 3), 60, "even spread of 3"
+        view = await eventually(
+            lambda: pool_view(engine, 3),
+            within=60,
+            what="even spread of 3",
+            done=lambda v: _even(v, 3),
         )
         reply_to, replies = await amqp.reply_queue()
         touched: set[int] = set()
-        killed = workers[0].wait_for_event("worker_ready")["worker_id"]
 
         async def kill_and_replace(index: int) -> None:
             if index == 20:
@@ -120,11 +113,17 @@ async def test_pool_survives_a_killed_worker_with_exact_books(
                 workers.append(worker_process(**POOL))
 
         await _publish_rounds(amqp, rounds, reply_to, kill_and_replace)
-        await _wait_for(
-            lambda: _processed(engine), lambda n: n >= model.state_changing, 180, "all applied"
+        await eventually(
+            lambda: _processed(engine),
+            within=180,
+            what="all applied",
+            done=lambda n: n >= model.state_changing,
         )
-        view = await _wait_for(
-            lambda: pool_view(engine, 3), lambda v: _even(v, 3), 60, "even spread after kill"
+        view = await eventually(
+            lambda: pool_view(engine, 3),
+            within=60,
+            what="even spread after kill",
+            done=lambda v: _even(v, 3),
         )
         assert workers[0].proc is not None and workers[0].proc.returncode == -signal.SIGKILL
         assert set(view.live) == {
@@ -135,26 +134,25 @@ async def test_pool_survives_a_killed_worker_with_exact_books(
         await _check_books(engine, model, replies, touched)
 
 
+@pytest.mark.postgresql_only(
+    reason="SQLite has no server to end a frozen process's transaction: a worker frozen "
+    "inside one holds the write lock, and so the whole pool, until it wakes "
+    "(docs/pool.md); the fencing itself is the same code on both databases"
+)
 async def test_paused_worker_commits_nothing_for_partitions_it_lost(
     worker_process: Callable[..., WorkerProcess], amqp_url: str, database_url: str
 ) -> None:
-    if database_url.startswith("sqlite"):
-        pytest.skip(
-            "SQLite has no server to end a frozen process's transaction: a worker frozen "
-            "inside one holds the write lock, and so the whole pool, until it wakes "
-            "(docs/pool.md); the fencing itself is the same code on both databases"
-        )
     rounds, model = make_workload(200, 40, seed=5, queries=False, prefix="paused")
     # A keeps its broker connection through the pause (long heartbeat), so
     # when it wakes it still holds deliveries and tries to apply them.
     frozen = worker_process(**POOL, heartbeat=120)
-    frozen.wait_ready()
+    frozen_id = (await frozen.wait_ready())["worker_id"]
     other = worker_process(**POOL)
-    other.wait_ready()
-    frozen_id = frozen.wait_for_event("worker_ready")["worker_id"]
-    other_id = other.wait_for_event("worker_ready")["worker_id"]
+    other_id = (await other.wait_ready())["worker_id"]
     async with reader(database_url) as engine, open_amqp(amqp_url) as amqp:
-        await _wait_for(lambda: pool_view(engine, 3), lambda v: _even(v, 2), 60, "even spread")
+        await eventually(
+            lambda: pool_view(engine, 3), within=60, what="even spread", done=lambda v: _even(v, 2)
+        )
         reply_to, _ = await amqp.reply_queue()
         lost_epochs: dict[int, int] = {}
 
@@ -163,19 +161,22 @@ async def test_paused_worker_commits_nothing_for_partitions_it_lost(
                 return
             frozen.signal(signal.SIGSTOP)
             try:
-                view = await _wait_for(
+                view = await eventually(
                     lambda: pool_view(engine, 3),
-                    lambda v: len(v.held_by(other_id)) == PARTITIONS,
-                    60,
-                    "takeover of the frozen worker's partitions",
+                    within=60,
+                    what="takeover of the frozen worker's partitions",
+                    done=lambda v: len(v.held_by(other_id)) == PARTITIONS,
                 )
                 lost_epochs.update({p: lease.epoch for p, lease in view.leases.items()})
             finally:
                 frozen.signal(signal.SIGCONT)
 
         await _publish_rounds(amqp, rounds, reply_to, pause)
-        await _wait_for(
-            lambda: _processed(engine), lambda n: n >= model.state_changing, 180, "all applied"
+        await eventually(
+            lambda: _processed(engine),
+            within=180,
+            what="all applied",
+            done=lambda n: n >= model.state_changing,
         )
         assert await balances(engine) == model.balances()
         assert await ledger_ids(engine) == {a: ids for a, ids in model.applied.items() if ids}
@@ -212,25 +213,33 @@ async def test_a_lane_handed_over_mid_drain_answers_every_query_exactly(
         reply_to, replies = await amqp.reply_queue()
         # Small batches, so the backlog takes the first worker many of them.
         first = worker_process(**POOL, batch_max=8, prefetch=32)
-        await first.ready()
+        first_id = (await first.wait_ready())["worker_id"]
         await _publish_rounds(amqp, rounds, reply_to, lambda _: None)
-        await _wait_for(lambda: _processed(engine), lambda n: n >= 600, 60, "draining under way")
+        await eventually(
+            lambda: _processed(engine),
+            within=60,
+            what="draining under way",
+            done=lambda n: n >= 600,
+        )
         # A second worker joins: the first hands half its lanes over gracefully,
         # each after the batch in hand, while the backlog still drains.
         second = worker_process(**POOL)
-        await second.ready()
-        await _wait_for(
-            lambda: _processed(engine), lambda n: n >= model.state_changing, 180, "all applied"
+        second_id = (await second.wait_ready())["worker_id"]
+        await eventually(
+            lambda: _processed(engine),
+            within=180,
+            what="all applied",
+            done=lambda n: n >= model.state_changing,
         )
-        await replies.wait_for(
-            lambda ms: {m.correlation_id for m in ms} >= set(model.seen), within=60
+        await eventually(
+            lambda: {m.correlation_id for m in replies.messages} >= set(model.seen),
+            within=60,
+            what="an answer to every query",
         )
         # A graceful handover leaves nothing to redeliver: every answer is exact.
         await _check_books(engine, model, replies, touched=set())
         async with engine.connect() as conn:
             by = (await conn.execute(select(ledger.c.worker_id, ledger.c.lease_partition))).all()
-    first_id = first.wait_for_event("worker_ready")["worker_id"]
-    second_id = second.wait_for_event("worker_ready")["worker_id"]
     moved = {p for w, p in by if w == first_id} & {p for w, p in by if w == second_id}
     assert moved, "a lane changed hands with its agents' commands on both sides"
     released = [e for e in first.events() if e.get("event") == "partition_released"]

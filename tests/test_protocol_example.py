@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-
+from tests.amqp_helpers import connect
 from tests.support import unique
 from token_budget.worker.app import Worker
 from token_budget.worker.broker.topology import TopologySpec, declare_topology
@@ -94,7 +93,7 @@ async def test_plain_amqp_client_gets_the_documented_replies(worker: Worker, amq
 
 
 async def test_plain_amqp_client_fails_when_no_worker_answers(amqp_url: str) -> None:
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect(amqp_url)
     try:
         await declare_topology(connection, TopologySpec(partitions=2, delivery_limit=20))
     finally:

@@ -7,7 +7,8 @@ import pytest
 from sqlalchemy import select
 
 from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
-from tests.db_helpers import reader, wait_until
+from tests.db_helpers import reader
+from tests.eventually import eventually
 from tests.inprocess import running
 from token_budget.schemas import (
     HEADER_DUPLICATE,
@@ -105,8 +106,11 @@ async def test_an_abandoned_hold_is_expired_by_the_sweeper_in_the_agents_lane(
         await funded(amqp, "idle", 100)
         held = await ask(amqp, reserve_body("idle", 100, 1), "idle", "idle:hold")
         async with reader(database_url) as engine:
-            entries = await wait_until(
-                lambda: history(engine, "idle"), lambda found: len(found) == 3, within=60
+            entries = await eventually(
+                lambda: history(engine, "idle"),
+                within=60,
+                what="the hold expired",
+                done=lambda found: len(found) == 3,
             )
             assert [(e.kind, e.message_id) for e in entries] == [
                 ("allocate", "idle:allocate"),
@@ -130,8 +134,11 @@ async def test_a_threshold_crossing_is_published_once_with_its_event_id(
         await amqp.publish(crossing)
         await amqp.publish(crossing)  # a retry: deduplicated, no second event
         await ask(amqp, command("consume", "spender", 20), "spender", "sp:2")  # crosses 80
-        found = await events.wait_for(
-            lambda ms: any(m.routing_key == "budget.threshold.80" for m in ms)
+        found = await eventually(
+            lambda: list(events.messages),
+            within=30,
+            what="the crossing of 80",
+            done=lambda ms: any(m.routing_key == "budget.threshold.80" for m in ms),
         )
     assert [m.routing_key for m in found] == ["budget.threshold.50", "budget.threshold.80"]
     first = ThresholdCrossedEvent.model_validate_json(found[0].body)
@@ -151,5 +158,7 @@ async def test_a_threshold_crossing_is_published_once_with_its_event_id(
                 return list((await conn.execute(select(outbox.c.published_at))).scalars())
 
         # Marked published right after the broker's confirm.
-        final = await wait_until(marks, lambda found: None not in found, within=30)
-        assert len(final) == 2 and None not in final
+        final = await eventually(
+            marks, within=30, what="both events marked", done=lambda found: None not in found
+        )
+        assert len(final) == 2

@@ -17,7 +17,16 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.amqp_helpers import Amqp, Outgoing, ask, command, open_amqp, setup_agent
+from tests.amqp_helpers import (
+    Amqp,
+    Outgoing,
+    ask,
+    command,
+    connect,
+    connection_name,
+    open_amqp,
+    setup_agent,
+)
 from tests.db_helpers import balances, ledger_ids, reader
 from tests.eventually import eventually
 from tests.inprocess import running
@@ -45,8 +54,6 @@ from token_budget.worker.broker.topology import (
 from token_budget.worker.settings import Settings
 from token_budget.worker.store.audit import reconcile
 from token_budget.worker.store.tables import processed_commands, routing_drains
-
-sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 async def _landed(amqp: Amqp, partitions: int, count: int) -> dict[str, int]:
@@ -101,7 +108,7 @@ def test_the_lane_table_of_the_protocol_matches_the_lane_map() -> None:
 
 async def test_the_broker_puts_every_agent_on_the_lane_the_lane_map_names(amqp_url: str) -> None:
     partitions = 16
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect(amqp_url)
     try:
         await declare_topology(connection, TopologySpec(partitions, delivery_limit=20))
     finally:
@@ -126,7 +133,7 @@ def _stranger(partitions: int) -> tuple[str, int]:
     raise AssertionError("every lane name hashes to itself")  # pragma: no cover
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_a_command_published_straight_to_another_lane_is_dead_lettered_not_applied(
     worker: Worker, amqp_url: str, database_url: str
 ) -> None:
@@ -162,7 +169,7 @@ async def test_a_command_published_straight_to_another_lane_is_dead_lettered_not
         assert await balances(engine) == {agent: (100, 0)}
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_a_foreign_exchange_routing_an_agent_elsewhere_never_reorders_it(
     worker: Worker, amqp_url: str, database_url: str
 ) -> None:
@@ -203,7 +210,7 @@ async def test_a_foreign_exchange_routing_an_agent_elsewhere_never_reorders_it(
 
 async def _declare_legacy(amqp_url: str, partitions: int, delivery_limit: int) -> None:
     """The topology of contract 1.1: a consistent-hash budget.commands, weight-1 lanes."""
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect(amqp_url)
     try:
         channel = await connection.channel()
         commands = await channel.declare_exchange(
@@ -309,7 +316,7 @@ async def test_a_worker_killed_while_draining_the_legacy_routing_is_succeeded_in
         pool = {"lease_ttl": 1.5, "member_ttl": 1.5, "renew_interval": 0.3}
         # Small batches: the first worker is killed with most of the drain ahead.
         first = worker_process(batch_max=8, prefetch=16, **pool)
-        await first.ready()
+        await first.wait_ready()
         async with reader(database_url) as engine:
             await eventually(
                 lambda: _processed(engine),
@@ -350,7 +357,7 @@ async def _processed(engine: AsyncEngine) -> int:
         )
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_a_switch_cut_short_after_every_lane_drained_is_completed_by_the_next_worker(
     worker_settings: Settings,
     amqp_url: str,
@@ -369,7 +376,10 @@ async def test_a_switch_cut_short_after_every_lane_drained_is_completed_by_the_n
                 for p in range(worker_settings.partitions)
             ],
         )
-    async with running(Worker(worker_settings)), BudgetClient.connect(amqp_url, timeout=20) as sdk:
+    async with (
+        running(Worker(worker_settings)),
+        BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as sdk,
+    ):
         await eventually(
             lambda: _exchange_type(rabbit, vhost),
             within=30,

@@ -1,10 +1,8 @@
 """A property that is not UTF-8 (any non-Python client can send one) is refused,
 not fatal: the worker keeps its connection and the lane keeps going."""
 
-import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 
 import aio_pika
@@ -13,6 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp import encode
 
 from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
+from tests.eventually import eventually
 from token_budget.schemas import DEAD_LETTER_QUEUE
 from token_budget.worker.app import Worker
 from token_budget.worker.broker.wire_guard import clean_text, has_invalid_text
@@ -88,11 +87,15 @@ async def test_non_utf8_property_is_dead_lettered_and_the_lane_goes_on(
 
 
 async def _dead_letters(amqp: Amqp, count: int) -> list[AbstractIncomingMessage]:
-    deadline = time.monotonic() + 30
+    """Exactly ``count`` dead letters, taken out of the queue as they come."""
     taken: list[AbstractIncomingMessage] = []
-    while len(taken) < count and time.monotonic() < deadline:
-        taken += await amqp.take_all(DEAD_LETTER_QUEUE)
-        if len(taken) < count:
-            await asyncio.sleep(0.2)
+
+    async def more() -> list[AbstractIncomingMessage]:
+        taken.extend(await amqp.take_all(DEAD_LETTER_QUEUE))
+        return taken
+
+    await eventually(
+        more, within=30, what=f"{count} dead letters", done=lambda found: len(found) >= count
+    )
     assert len(taken) == count
     return taken

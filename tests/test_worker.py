@@ -24,8 +24,6 @@ from token_budget.worker.app import Worker
 from token_budget.worker.broker.topology import PluginMissing, TopologySpec
 from token_budget.worker.settings import Settings
 
-sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-
 
 async def test_duplicate_message_id_is_applied_once_and_answered_identically(
     worker: Worker, amqp_url: str, database_url: str
@@ -103,7 +101,7 @@ async def test_refused_consume_leaves_the_budget_unchanged(
         assert await ledger_ids(engine) == {"thrifty": ["thrifty:allocate", "t:1"]}
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_refused_fire_and_forget_command_is_announced_as_an_event(
     worker: Worker, amqp_url: str
 ) -> None:
@@ -128,7 +126,7 @@ async def test_refused_fire_and_forget_command_is_announced_as_an_event(
     assert (refused.error.requested_tokens, refused.error.available_tokens) == (9, 5)
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("route", ["direct_reply_to", "reply_queue"])
 async def test_replies_carry_the_correlation_id_or_else_the_message_id(
     worker: Worker, amqp_url: str, route: str
@@ -247,7 +245,7 @@ async def test_workers_starting_together_agree_on_the_topology(
     assert dead["arguments"]["x-queue-type"] == "quorum"
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_missing_modulus_hash_exchange_fails_start_up_with_the_fix(
     worker_settings: Settings,
 ) -> None:

@@ -26,8 +26,6 @@ from token_budget.schemas import (
 from token_budget.worker.app import Worker
 from token_budget.worker.settings import Settings
 
-sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-
 
 @dataclass(frozen=True)
 class Bad:
@@ -206,7 +204,7 @@ async def test_invalid_messages_are_dead_lettered_and_answered_while_valid_ones_
         assert await processed_ids(engine) == setup | {m for _, m, _ in good}
 
 
-@sqlite_only
+@pytest.mark.sqlite_only
 async def test_dead_letter_keeps_header_bytes_that_are_not_utf8(
     worker: Worker, amqp_url: str
 ) -> None:

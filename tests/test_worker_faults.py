@@ -9,11 +9,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import aio_pika
 import pytest
 
-from tests.amqp_helpers import Amqp, Outgoing, command, open_amqp
-from tests.db_helpers import balances, ledger_ids, ledger_size, processed_ids, reader, wait_until
+from tests.amqp_helpers import Amqp, Outgoing, command, connect, open_amqp
+from tests.db_helpers import balances, ledger_ids, ledger_size, processed_ids, reader
 from tests.eventually import eventually
 from tests.inprocess import running
 from tests.processes import WorkerProcess
@@ -32,7 +31,7 @@ FAST_POOL = {"lease_ttl": 2, "member_ttl": 2, "renew_interval": 0.5}
 
 async def declare(amqp_url: str, delivery_limit: int = 20) -> None:
     """The topology a worker with ``partitions=4`` declares, so publishing can begin first."""
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect(amqp_url)
     try:
         await declare_topology(connection, TopologySpec(PARTITIONS, delivery_limit))
     finally:
@@ -73,17 +72,6 @@ def applied_so_far(process: WorkerProcess) -> int:
         for event in process.events()
         if event.get("event") == "batch_applied"
     )
-
-
-async def until_applied(process: WorkerProcess, count: int, within: float = 60.0) -> None:
-    """Wait until ``process`` has applied ``count`` commands (it is mid-stream)."""
-    done = await wait_until(
-        lambda: asyncio.to_thread(applied_so_far, process),
-        lambda n: n >= count,
-        within=within,
-        interval=0.05,
-    )
-    assert done >= count, f"{done} applied in {within}s: {process.tail()}"
 
 
 async def stop_gracefully(process: WorkerProcess) -> int:
@@ -136,7 +124,7 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
             # command it has already applied.
             duplicates, kills = 0, 0
             current = worker_process(batch_max=16, prefetch=64, **FAST_POOL)
-            await current.ready()
+            await current.wait_ready()
             while duplicates == 0 and kills < 10:
                 done = await ledger_size(engine)
                 await eventually(
@@ -148,7 +136,7 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
                 current.kill()
                 kills += 1
                 current = worker_process(batch_max=16, prefetch=64, **FAST_POOL)
-                await current.ready()
+                await current.wait_ready()
                 # Redeliveries come first on a lane: once the successor has made
                 # some progress, any it met are counted.
                 mark = await ledger_size(engine)
@@ -177,7 +165,11 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
             assert await reconcile(engine) == []
         # Every consume answered: a redelivered one again, identically, marked.
         expected = {m for _, m, _ in sent}
-        await replies.wait_for(lambda ms: {m.correlation_id for m in ms} >= expected, within=30)
+        await eventually(
+            lambda: {m.correlation_id for m in replies.messages} >= expected,
+            within=30,
+            what="every consume answered",
+        )
         assert {m.correlation_id for m in replies.messages} == expected
         repeated = 0
         for message_id, copies in replies.by_correlation().items():
@@ -198,11 +190,19 @@ async def test_sigterm_exits_cleanly_and_returns_unapplied_commands_to_the_queue
     sent = consumes(agents, 100, seed=5)
     used = {a: sum(t for b, _, t in sent if b == a) for a in agents}
     first = worker_process(batch_max=16, prefetch=64, **FAST_POOL)
-    await asyncio.to_thread(first.wait_ready, 60)
+    await first.wait_ready()
     async with open_amqp(amqp_url) as amqp, reader(database_url) as engine:
         await setup_agents(amqp, {a: 10**6 for a in agents})
         publishing = asyncio.create_task(amqp.publish_all(as_outgoing(sent), window=50))
-        await until_applied(first, len(agents) + len(sent) // 5)
+        # Mid-stream: a fifth of the consumes applied (its log says so; read
+        # in a thread, for the log grows long while the publisher runs).
+        await eventually(
+            lambda: asyncio.to_thread(applied_so_far, first),
+            within=60,
+            what="a fifth of the consumes applied",
+            done=lambda n: n >= len(agents) + len(sent) // 5,
+            interval=0.05,
+        )
         first.signal(signal.SIGTERM)
         exit_code = await asyncio.to_thread(first.wait, 10)
         assert exit_code == 0, first.tail()
@@ -215,8 +215,11 @@ async def test_sigterm_exits_cleanly_and_returns_unapplied_commands_to_the_queue
         assert 0 < consumed_at_stop < len(sent)
 
         second = worker_process(**FAST_POOL)
-        await wait_until(
-            lambda: ledger_size(engine), lambda n: n >= len(agents) + len(sent), within=60
+        await eventually(
+            lambda: ledger_size(engine),
+            within=60,
+            what="the successor applying the rest",
+            done=lambda n: n >= len(agents) + len(sent),
         )
         assert await stop_gracefully(second) == 0
         assert await balances(engine) == {a: (10**6, used[a]) for a in agents}
@@ -374,7 +377,7 @@ async def test_worker_exits_1_when_the_broker_holds_another_topology(
     assert "budget-worker: the broker holds a queue or exchange with other settings" in output
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("other", [2, 8])
 async def test_worker_refuses_another_lane_count_than_the_deployment(
     worker_settings: Settings, other: int

@@ -3,6 +3,7 @@ the exact per-command record in JSON, and a heartbeat while idle."""
 
 from collections.abc import Callable
 
+from tests.amqp_helpers import connection_name
 from tests.eventually import eventually
 from tests.processes import WorkerProcess
 from tests.support import funded
@@ -17,8 +18,8 @@ async def test_batch_applied_in_json_summarises_and_keeps_every_command(
     worker_process: Callable[..., WorkerProcess], amqp_url: str
 ) -> None:
     process = worker_process()
-    await process.ready()
-    async with BudgetClient.connect(amqp_url, timeout=20) as client:
+    await process.wait_ready()
+    async with BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as client:
         agent = await funded(client, 100)
         await client.consume_and_wait(agent, 7, message_id=f"{agent}-c1")
     await eventually(
@@ -41,7 +42,7 @@ async def test_batch_applied_in_a_console_at_info_is_a_summary_without_the_comma
         within=60,
         what="worker_ready",
     )
-    async with BudgetClient.connect(amqp_url, timeout=20) as client:
+    async with BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as client:
         agent = await funded(client, 100)
         await client.consume_and_wait(agent, 7, message_id=f"{agent}-c1")
     lines = await eventually(
@@ -58,8 +59,8 @@ async def test_an_idle_worker_logs_a_heartbeat_with_its_lanes_and_commands(
     worker_process: Callable[..., WorkerProcess], amqp_url: str
 ) -> None:
     process = worker_process(log_heartbeat_seconds=0.5)
-    await process.ready()
-    async with BudgetClient.connect(amqp_url, timeout=20) as client:
+    await process.wait_ready()
+    async with BudgetClient.connect(amqp_url, timeout=20, name=connection_name()) as client:
         await funded(client, 100)  # two commands
     beats = await eventually(
         lambda: _events(process, "worker_heartbeat"),

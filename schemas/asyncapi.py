@@ -1,7 +1,7 @@
 """The contract as an AsyncAPI 3.0 document, generated from the models here.
 
-``python -m schemas.asyncapi`` writes ``docs/asyncapi.json``;
-``python -m schemas.asyncapi --check`` exits 1 when the file differs from the
+``python -m token_budget.schemas.asyncapi`` writes ``docs/asyncapi.json``;
+``python -m token_budget.schemas.asyncapi --check`` exits 1 when the file differs from the
 models (CI runs the same comparison in tests/test_asyncapi.py). Only the
 standard library and pydantic: the document is the models, rendered.
 """
@@ -116,7 +116,7 @@ def build() -> dict[str, Any]:
             "title": "Token budget service",
             "version": CONTRACT_VERSION,
             "description": "Agents publish budget commands over AMQP 0-9-1 and read replies "
-            "and events. Generated from schemas/ by `python -m schemas.asyncapi`; "
+            "and events. Generated from schemas/ by `python -m token_budget.schemas.asyncapi`; "
             "docs/protocol.md is the prose contract.",
         },
         "defaultContentType": CONTENT_TYPE,
@@ -194,7 +194,9 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m schemas.asyncapi", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m token_budget.schemas.asyncapi", description=__doc__
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_PATH)
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
     args = parser.parse_args(argv)
@@ -202,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
         if current != text:
-            print(f"{args.output} is stale: run python -m schemas.asyncapi", file=sys.stderr)
+            print(
+                f"{args.output} is stale: run python -m token_budget.schemas.asyncapi",
+                file=sys.stderr,
+            )
             return 1
         return 0
     args.output.write_text(text)

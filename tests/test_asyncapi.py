@@ -28,7 +28,7 @@ def resolve(document: dict[str, Any], ref: str) -> Any:
 
 
 def test_the_checked_in_document_matches_the_models() -> None:
-    assert DEFAULT_PATH.read_text() == render(), "run: python -m schemas.asyncapi"
+    assert DEFAULT_PATH.read_text() == render(), "run: python -m token_budget.schemas.asyncapi"
 
 
 def test_the_check_mode_fails_on_a_stale_document(tmp_path: Path) -> None:

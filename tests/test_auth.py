@@ -20,7 +20,7 @@ WORKER = "budget-worker"
 POLICY = AuthPolicy(AuthMode.USER_ID, frozenset({ADMIN, "billing"}), WORKER)
 AGENTS = ["agent-a", "agent-b", "ops-agent"]
 
-#: The rule table of docs/protocol.md, written out independently of worker/auth.py.
+#: The rule table of docs/protocol.md, written out independently of worker/broker/auth.py.
 WHO_MAY = {
     CommandType.REGISTER_AGENT: "admin",
     CommandType.ALLOCATE: "admin",
@@ -135,7 +135,7 @@ def test_user_id_mode_without_admins_lets_nobody_register() -> None:
 
 @pytest.mark.parametrize("kind", [CommandType.CONSUME, CommandType.ALLOCATE])
 def test_a_sender_that_is_not_utf8_is_refused_with_an_encodable_reply(kind: CommandType) -> None:
-    # The worker decodes such bytes with surrogateescape (worker/wire_guard.py);
+    # The worker decodes such bytes with surrogateescape (worker/broker/wire_guard.py);
     # quoted raw into the message, they would make the reply unencodable.
     sender = b"\xffagent-a".decode("utf-8", "surrogateescape")
     error = authorize(make(kind, "agent-a"), sender, POLICY)

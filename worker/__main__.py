@@ -1,5 +1,5 @@
 import sys
 
-from token_budget.worker.cli import main
+from token_budget.worker.launch import worker
 
-sys.exit(main())
+sys.exit(worker())

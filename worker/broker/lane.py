@@ -2,10 +2,11 @@
 
 Deliveries arrive on the lane's own channel (``multiple=True`` acknowledges
 per channel) and wait in an inbox; the loop takes what has arrived, up to
-``batch_max``, applies it in one transaction, publishes replies, events and
-dead letters with confirms, then acknowledges the batch at once. A crash at
-any point leaves the batch unacknowledged, and its redelivery finds the
-processed-command records.
+``batch_max``, applies it in one transaction, publishes events and dead
+letters with confirms and replies without (a lost reply costs the agent a
+retry, which the stored outcome answers), then acknowledges the batch at
+once. A crash at any point leaves the batch unacknowledged, and its
+redelivery finds the processed-command records.
 """
 
 import asyncio
@@ -66,7 +67,7 @@ class LaneConfig:
 
 class DrainListener(Protocol):
     """The routing upgrade, as a lane draining the legacy routing sees it
-    (worker/upgrade.py)."""
+    (worker/tasks/upgrade.py)."""
 
     async def is_drained(self, partition: int) -> bool: ...
 

@@ -11,7 +11,7 @@ ever publish while only some lanes are bound (which would route over fewer).
 Deployments of earlier versions ran an ``x-consistent-hash`` ``budget.commands``,
 whose ring moves keys when a node boots; the worker finds it here, unbinds
 its lanes so that nothing more arrives by it, and drains them before the
-switch (worker/upgrade.py, docs/operations.md).
+switch (worker/tasks/upgrade.py, docs/operations.md).
 """
 
 import contextlib

@@ -38,7 +38,7 @@ class OutcomeKind(StrEnum):
     #: the lane dead-letters it with the reason.
     REJECTED = "rejected"
     #: Refused by the authorization policy before the batch reached the
-    #: database: answered like a refusal, never recorded (worker/auth.py).
+    #: database: answered like a refusal, never recorded (worker/broker/auth.py).
     UNAUTHORIZED = "unauthorized"
 
 

@@ -179,7 +179,7 @@ class BudgetService:
             position += size
         return [r if r is not None else [] for r in results]
 
-    # -- the outbox and the sweeper's reads (worker/outbox.py, worker/sweeper.py) --
+    # -- the outbox and the sweeper's reads (worker/tasks/outbox.py, worker/tasks/sweeper.py) --
 
     async def pending_events(
         self, partitions: Collection[int] | None, *, limit: int = 500

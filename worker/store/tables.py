@@ -127,7 +127,7 @@ reservations = Table(
 )
 
 #: Events recorded in the transaction of the change they announce, published
-#: afterwards by the worker that holds ``partition`` (worker/outbox.py).
+#: afterwards by the worker that holds ``partition`` (worker/tasks/outbox.py).
 outbox = Table(
     "outbox",
     metadata,

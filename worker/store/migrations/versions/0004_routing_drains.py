@@ -1,4 +1,4 @@
-"""Lanes drained of the legacy consistent-hash routing (worker/upgrade.py).
+"""Lanes drained of the legacy consistent-hash routing (worker/tasks/upgrade.py).
 
 Revision ID: 0004
 Revises: 0003

@@ -44,14 +44,17 @@ from token_budget.schemas import (
     CONTENT_TYPE,
     DIRECT_REPLY_TO,
     MESSAGE_ID_MAX_LENGTH,
+    QUERIES_QUEUE,
     Allocate,
     BudgetView,
     Command,
+    Consistency,
     Consume,
     GetAvailable,
     GetBudget,
     OkReply,
     RegisterAgent,
+    is_committed_query,
 )
 
 from .connection import CONNECTION_ERRORS, Connecting, is_open
@@ -190,11 +193,18 @@ class BudgetClient(ReservationCommands):
         command = Consume(type="consume", agent_id=agent_id, tokens=tokens)
         return (await self.request(command, message_id=message_id)).view()
 
-    async def get_budget(self, agent_id: str) -> BudgetView:
-        return (await self.request(GetBudget(type="get_budget", agent_id=agent_id))).view()
+    async def get_budget(
+        self, agent_id: str, *, consistency: Consistency | None = None
+    ) -> BudgetView:
+        """The agent's budget. By default after every command published before
+        (on its lane); ``Consistency.COMMITTED``: at once, as last committed,
+        from ``budget.queries`` (the view says so, and ``as_of``)."""
+        command = GetBudget(type="get_budget", agent_id=agent_id, consistency=consistency)
+        return (await self.request(command)).view()
 
-    async def get_available(self, agent_id: str) -> int:
-        reply = await self.request(GetAvailable(type="get_available", agent_id=agent_id))
+    async def get_available(self, agent_id: str, *, consistency: Consistency | None = None) -> int:
+        command = GetAvailable(type="get_available", agent_id=agent_id, consistency=consistency)
+        reply = await self.request(command)
         if reply.available_tokens is None:
             raise InvalidReply(f"get_available for {agent_id!r} answered without an amount")
         return reply.available_tokens
@@ -244,7 +254,10 @@ class BudgetClient(ReservationCommands):
         self, command: Command, message_id: str | None, *, correlation_id: str | None = None
     ) -> None:
         await self._ready()
-        assert self._exchange is not None
+        assert self._exchange is not None and self._channel is not None
+        exchange, routing_key = self._exchange, command.agent_id
+        if is_committed_query(command):
+            exchange, routing_key = self._channel.default_exchange, QUERIES_QUEUE
         message = aio_pika.Message(
             command.model_dump_json().encode(),
             content_type=CONTENT_TYPE,
@@ -256,8 +269,13 @@ class BudgetClient(ReservationCommands):
         )
         what = f"{command.command_type.value} for {command.agent_id!r} (message_id {message_id})"
         try:
-            await self._exchange.publish(message, routing_key=command.agent_id, mandatory=True)
+            await exchange.publish(message, routing_key=routing_key, mandatory=True)
         except aiormq.exceptions.PublishError:
+            if routing_key == QUERIES_QUEUE:
+                raise NotDelivered(
+                    f"{what} was returned unroutable: there is no queue {QUERIES_QUEUE!r}; "
+                    "start a worker of this version (1.3 or later) on this vhost"
+                ) from None
             raise NotDelivered(
                 f"{what} was returned unroutable: no lane queue is bound to "
                 f"{COMMANDS_EXCHANGE!r}; is the worker deployed on this vhost?"

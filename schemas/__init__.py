@@ -7,6 +7,7 @@ from .commands import (
     Command,
     CommandType,
     Commit,
+    Consistency,
     Consume,
     ExpireReservations,
     GetAvailable,
@@ -19,6 +20,7 @@ from .commands import (
     Thresholds,
     Tokens,
     UsedTokens,
+    is_committed_query,
     parse_command,
 )
 from .errors import ErrorCode
@@ -39,6 +41,7 @@ from .limits import (
     is_valid_agent_id,
 )
 from .replies import (
+    QUERY_FIELDS,
     RESERVATION_FIELDS,
     BudgetView,
     ErrorBody,
@@ -63,6 +66,7 @@ from .topology import (
     HEADER_LANE,
     LANES_EXCHANGE,
     LANES_EXCHANGE_TYPE,
+    QUERIES_QUEUE,
     lane_queue_name,
     refused_routing_key,
     threshold_routing_key,
@@ -92,6 +96,8 @@ __all__ = [
     "MAX_THRESHOLDS",
     "MAX_TOKENS",
     "MESSAGE_ID_MAX_LENGTH",
+    "QUERIES_QUEUE",
+    "QUERY_FIELDS",
     "RESERVATION_FIELDS",
     "RESERVATION_ID_PATTERN",
     "THRESHOLD_CROSSED",
@@ -101,6 +107,7 @@ __all__ = [
     "Command",
     "CommandType",
     "Commit",
+    "Consistency",
     "Consume",
     "ErrorBody",
     "ErrorCode",
@@ -123,6 +130,7 @@ __all__ = [
     "UsedTokens",
     "ValidationIssue",
     "encode_reply",
+    "is_committed_query",
     "is_valid_agent_id",
     "lane_queue_name",
     "parse_command",

@@ -29,15 +29,17 @@ from .commands import (
 )
 from .events import ThresholdCrossedEvent
 from .replies import ErrorReply, OkReply, RefusedEvent
-from .topology import COMMANDS_EXCHANGE, CONTENT_TYPE, EVENTS_EXCHANGE
+from .topology import COMMANDS_EXCHANGE, CONTENT_TYPE, EVENTS_EXCHANGE, QUERIES_QUEUE
 
 __all__ = ["CONTRACT_VERSION", "DEFAULT_PATH", "build", "main", "render"]
 
 #: Bumped with every change of the contract: 1.1 added reservations and
 #: threshold events to the commands, replies and refusals of 1.0; 1.2 routes
 #: by a stable function of the agent id (a fanout budget.commands in front of
-#: the internal x-modulus-hash budget.lanes) and adds the code wrong_lane.
-CONTRACT_VERSION: Final = "1.2.0"
+#: the internal x-modulus-hash budget.lanes) and adds the code wrong_lane; 1.3
+#: adds committed queries (the queue budget.queries, the query field
+#: consistency, the reply fields consistency and as_of).
+CONTRACT_VERSION: Final = "1.3.0"
 DEFAULT_PATH: Final = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 
 _REF = "#/components/schemas/{model}"
@@ -45,7 +47,11 @@ _COMMANDS: list[tuple[type[BaseModel], str]] = [
     (RegisterAgent, "Create the agent if it is new."),
     (Allocate, "Add tokens to the agent's budget (creates it)."),
     (Consume, "Use tokens: refused when more than available."),
-    (GetBudget, "Query: the budget, unchanged (expires overdue holds first)."),
+    (
+        GetBudget,
+        "Query: the budget, unchanged (expires overdue holds first). "
+        'On budget.queries with "consistency": "committed": at once, as last committed.',
+    ),
     (GetAvailable, "Query: like get_budget."),
     (Reserve, "Hold tokens before a call whose cost is unknown; the reply names the hold."),
     (Commit, "Settle a hold with the tokens really used; the rest is freed."),
@@ -102,6 +108,7 @@ def build() -> dict[str, Any]:
         bindings={"amqp": {"messageType": "command_refused", "bindingVersion": "0.3.0"}},
     )
     commands = [_type_of(m) for m, _ in _COMMANDS]
+    queries = [_type_of(GetBudget), _type_of(GetAvailable)]
 
     def refs(channel: str, names: list[str]) -> list[dict[str, str]]:
         return [{"$ref": f"#/channels/{channel}/messages/{n}"} for n in names]
@@ -139,6 +146,22 @@ def build() -> dict[str, Any]:
                     }
                 },
             },
+            "queries": {
+                "address": QUERIES_QUEUE,
+                "description": "Quorum queue, published to through the default exchange "
+                '(routing key = "budget.queries"). Takes only get_budget and get_available '
+                'with "consistency": "committed": any worker answers at once from the last '
+                "committed state, not behind the agent's lane (docs/protocol.md §4.3). "
+                "Anything else is answered invalid_command and dead-lettered.",
+                "messages": own(queries),
+                "bindings": {
+                    "amqp": {
+                        "is": "queue",
+                        "queue": {"name": QUERIES_QUEUE, "durable": True, "exclusive": False},
+                        "bindingVersion": "0.3.0",
+                    }
+                },
+            },
             "replies": {
                 "address": None,
                 "description": "The command's reply_to queue (or amq.rabbitmq.reply-to).",
@@ -168,6 +191,16 @@ def build() -> dict[str, Any]:
                 "action": "send",
                 "channel": {"$ref": "#/channels/commands"},
                 "messages": refs("commands", commands),
+                "reply": {
+                    "address": {"location": "$message.header#/reply_to"},
+                    "channel": {"$ref": "#/channels/replies"},
+                    "messages": refs("replies", ["okReply", "errorReply"]),
+                },
+            },
+            "sendCommittedQuery": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/queries"},
+                "messages": refs("queries", queries),
                 "reply": {
                     "address": {"location": "$message.header#/reply_to"},
                     "channel": {"$ref": "#/channels/replies"},

@@ -33,6 +33,7 @@ __all__ = [
     "Command",
     "CommandType",
     "Commit",
+    "Consistency",
     "Consume",
     "ExpireReservations",
     "GetAvailable",
@@ -45,6 +46,7 @@ __all__ = [
     "Thresholds",
     "Tokens",
     "UsedTokens",
+    "is_committed_query",
     "parse_command",
 ]
 
@@ -63,6 +65,17 @@ class CommandType(StrEnum):
     SET_THRESHOLDS = "set_thresholds"
     #: Internal: published by the workers' sweeper (docs/protocol.md, §4).
     EXPIRE_RESERVATIONS = "expire_reservations"
+
+
+class Consistency(StrEnum):
+    """What a query's answer reflects (the ``consistency`` field, §4.1 of docs/protocol.md)."""
+
+    #: On the agent's lane, behind its earlier commands: sees every one of
+    #: them (the default, also when the field is absent).
+    READ_YOUR_WRITES = "read_your_writes"
+    #: On ``budget.queries``, at once: the state as last committed, which may
+    #: not yet include commands still queued on the agent's lane.
+    COMMITTED = "committed"
 
 
 AgentId: TypeAlias = Annotated[
@@ -126,11 +139,13 @@ class Consume(_Command):
 class GetBudget(_Command):
     changes_state: ClassVar[bool] = False
     type: Literal["get_budget"]
+    consistency: Consistency | None = None
 
 
 class GetAvailable(_Command):
     changes_state: ClassVar[bool] = False
     type: Literal["get_available"]
+    consistency: Consistency | None = None
 
 
 class Reserve(_Command):
@@ -196,3 +211,11 @@ COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 def parse_command(body: bytes | str) -> Command:
     """Parse and validate one command body; raises ``pydantic.ValidationError``."""
     return COMMAND_ADAPTER.validate_json(body, strict=True)
+
+
+def is_committed_query(command: Command) -> bool:
+    """A query that asks for the committed state (``budget.queries``)."""
+    return (
+        isinstance(command, GetBudget | GetAvailable)
+        and command.consistency is Consistency.COMMITTED
+    )

@@ -6,10 +6,11 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .commands import AgentId, CommandType
+from .commands import AgentId, CommandType, Consistency
 from .errors import ErrorCode
 
 __all__ = [
+    "QUERY_FIELDS",
     "RESERVATION_FIELDS",
     "BudgetView",
     "ErrorBody",
@@ -52,6 +53,10 @@ class BudgetView(_Wire):
     #: Held by open reservations: neither used nor available.
     reserved_tokens: int | None = None
     available_tokens: int | None
+    #: Set only for a query that named its ``consistency``: which state this
+    #: is (``committed``: perhaps without commands still queued), as of when.
+    consistency: Consistency | None = None
+    as_of: datetime | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -61,6 +66,8 @@ class BudgetView(_Wire):
 
 #: Fields only the reply to ``reserve`` carries; absent from every other reply.
 RESERVATION_FIELDS = frozenset({"reservation_id", "expires_at"})
+#: Fields only the reply to a query that named its ``consistency`` carries.
+QUERY_FIELDS = frozenset({"consistency", "as_of"})
 
 
 class OkReply(_Wire):
@@ -75,6 +82,9 @@ class OkReply(_Wire):
     available_tokens: int | None
     reservation_id: str | None = None
     expires_at: datetime | None = None
+    #: Which state the query's answer reflects, and as of when (UTC).
+    consistency: Consistency | None = None
+    as_of: datetime | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -119,9 +129,12 @@ def encode_reply(reply: Reply) -> bytes:
     out, not sent as null."""
     if isinstance(reply, ErrorReply):
         return reply.model_dump_json(exclude_none=True).encode()
+    absent: set[str] = set()
     if reply.reservation_id is None:
-        return reply.model_dump_json(exclude=set(RESERVATION_FIELDS)).encode()
-    return reply.model_dump_json().encode()
+        absent |= RESERVATION_FIELDS
+    if reply.consistency is None:
+        absent |= QUERY_FIELDS
+    return reply.model_dump_json(exclude=absent).encode()
 
 
 def parse_reply(body: bytes | str) -> Reply:

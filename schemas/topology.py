@@ -15,6 +15,7 @@ __all__ = [
     "HEADER_LANE",
     "LANES_EXCHANGE",
     "LANES_EXCHANGE_TYPE",
+    "QUERIES_QUEUE",
     "lane_queue_name",
     "refused_routing_key",
     "threshold_routing_key",
@@ -25,6 +26,9 @@ COMMANDS_EXCHANGE: Final = "budget.commands"
 #: Internal: hashes the routing key (the agent id) onto the lanes (schemas/lanes.py).
 LANES_EXCHANGE: Final = "budget.lanes"
 LANES_EXCHANGE_TYPE: Final = "x-modulus-hash"
+#: Where ``committed`` queries go (default exchange, routing key = this name):
+#: answered by any worker at once, not behind the agent's lane.
+QUERIES_QUEUE: Final = "budget.queries"
 EVENTS_EXCHANGE: Final = "budget.events"
 DEAD_LETTER_EXCHANGE: Final = "budget.dead"
 DEAD_LETTER_QUEUE: Final = "budget.dead"

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import uuid
@@ -13,11 +14,11 @@ from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from token_budget.client.connection import CONNECTION_ERRORS
-from token_budget.schemas import LaneMap
+from token_budget.schemas import QUERIES_QUEUE, LaneMap
 from token_budget.worker.backoff import pause
 from token_budget.worker.broker import wire_guard
 from token_budget.worker.broker.auth import AuthPolicy
-from token_budget.worker.broker.lane import Lane, LaneConfig
+from token_budget.worker.broker.lane import QUERIES_INDEX, Lane, LaneConfig
 from token_budget.worker.broker.lanes import LaneGroup
 from token_budget.worker.broker.topology import (
     Routing,
@@ -31,9 +32,10 @@ from token_budget.worker.logs import get_logger, renders_json
 from token_budget.worker.pool.pool import Pool
 from token_budget.worker.settings import AuthMode, Settings
 from token_budget.worker.store.committer import GroupCommitter
-from token_budget.worker.store.db import create_engine, retry_while_transient
+from token_budget.worker.store.db import create_engine, create_reader, retry_while_transient
 from token_budget.worker.store.leases import LeaseStore, recorded_partitions, session_name
 from token_budget.worker.store.migrate import upgrade
+from token_budget.worker.store.queries import CommittedReader
 from token_budget.worker.store.service import BudgetService
 from token_budget.worker.tasks.background import Background
 from token_budget.worker.tasks.heartbeat import Tally
@@ -73,6 +75,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._log = get_logger(worker=self.name)
         self._engine: AsyncEngine | None = None
+        self._reader: AsyncEngine | None = None
         self._budget: BudgetService | None = None
         #: Commands settled since the last heartbeat line, counted by the lanes.
         self._tally = Tally()
@@ -100,6 +103,8 @@ class Worker:
             # Peers find (and, once it is gone, evict) this worker's sessions by it.
             application_name=session_name(self.worker_id),
         )
+        #: Committed queries read on connections of their own, never behind a batch.
+        self._reader = create_reader(database_url, application_name=session_name(self.worker_id))
         self._log.info(
             "worker_starting",
             amqp=redact_url(settings.amqp_url.get_secret_value()),
@@ -153,6 +158,8 @@ class Worker:
             if service is not None:
                 await service.close()
             await self._require_engine().dispose()
+            if self._reader is not None:
+                await self._reader.dispose()
             self._log.info("worker_stopped")
 
     async def _serve(self, service: GroupCommitter) -> None:
@@ -161,6 +168,7 @@ class Worker:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         group: LaneGroup | None = None
+        queries_task: asyncio.Task[None] | None = None
         background: Background | None = None
         upgrading: asyncio.Task[None] | None = None
         try:
@@ -188,6 +196,16 @@ class Worker:
                 connection, topology.lanes, service, config, self._log, draining=upgrade
             )
             self._group = group
+            # Every worker answers committed queries, whatever partitions it holds.
+            queries = Lane(
+                QUERIES_INDEX,
+                QUERIES_QUEUE,
+                connection,
+                CommittedReader(self._reader or self._require_engine()),
+                dataclasses.replace(config, lanes=None, queries_only=True),
+                self._log,
+            )
+            queries_task = asyncio.create_task(queries.run(), name=QUERIES_QUEUE)
             assert self._budget is not None
             background = Background.start(
                 self._budget,
@@ -225,6 +243,8 @@ class Worker:
             self.ready.clear()
             pool.stop()
             await pool_task  # stops every lane, then leaves the pool
+            queries.stop()
+            await asyncio.gather(queries_task, return_exceptions=True)
             if lost.is_set() and not self._stop.is_set():
                 raise ConnectionError("connection to the broker lost")
         finally:
@@ -234,6 +254,8 @@ class Worker:
                 upgrading.cancel()
             if group is not None:
                 group.abort()
+            if queries_task is not None:
+                queries_task.cancel()
             # Closed first, so that every loop on it sees it gone and ends.
             with contextlib.suppress(Exception):
                 await connection.close()

@@ -25,6 +25,7 @@ from token_budget.client import (
     CommandRefused,
     NoWorker,
 )
+from token_budget.schemas import QUERY_FIELDS
 from token_budget.worker.errors import NoDatabase, ViewError
 from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
 from token_budget.worker.settings import Settings
@@ -242,7 +243,7 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
 
 def _view_line(view: BudgetView, as_json: bool) -> str:
     if as_json:
-        return view.model_dump_json()
+        return view.model_dump_json(exclude=set(QUERY_FIELDS))
     if view.allocated_tokens is None:
         return f"{view.agent_id}: registered, no budget yet"
     return (

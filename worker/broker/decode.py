@@ -30,7 +30,10 @@ def decode(
     content_type: str | None,
     content_encoding: str | None,
     max_body_bytes: int,
+    routed_by_agent: bool = True,
 ) -> Envelope | Invalid:
+    """``routed_by_agent``: the routing key must be the agent_id (every lane);
+    ``budget.queries`` is reached by its own name instead."""
     if len(body) > max_body_bytes:
         return Invalid(f"body of {len(body)} bytes exceeds the limit of {max_body_bytes} bytes")
     if content_type and content_type.split(";")[0].strip().lower() not in _JSON_TYPES:
@@ -51,7 +54,7 @@ def decode(
     if message_id and not message_id.isprintable():
         # Control characters (NUL above all) are not storable everywhere.
         return Invalid("message_id must not contain control characters")
-    if routing_key != command.agent_id:
+    if routed_by_agent and routing_key != command.agent_id:
         # Another routing key would put the agent's commands on another lane,
         # out of order with the rest of them.
         return Invalid(f"routing key {routing_key!r} must equal agent_id {command.agent_id!r}")

@@ -11,7 +11,9 @@ from token_budget.worker.domain.outcomes import Envelope, Outcome
 __all__ = ["can_reply", "decode_delivery", "reply_body"]
 
 
-def decode_delivery(message: AbstractIncomingMessage, *, max_body_bytes: int) -> Envelope | Invalid:
+def decode_delivery(
+    message: AbstractIncomingMessage, *, max_body_bytes: int, routed_by_agent: bool = True
+) -> Envelope | Invalid:
     """The delivery's command, or why it cannot be applied."""
     for name in _TEXT_PROPERTIES:
         if has_invalid_text(getattr(message, name)):
@@ -23,6 +25,7 @@ def decode_delivery(message: AbstractIncomingMessage, *, max_body_bytes: int) ->
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         max_body_bytes=max_body_bytes,
+        routed_by_agent=routed_by_agent,
     )
 
 

@@ -21,7 +21,14 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from structlog.typing import FilteringBoundLogger
 
 from token_budget.client.connection import is_open
-from token_budget.schemas import ErrorCode, ErrorReply, LaneMap
+from token_budget.schemas import (
+    COMMANDS_EXCHANGE,
+    QUERIES_QUEUE,
+    ErrorCode,
+    ErrorReply,
+    LaneMap,
+    is_committed_query,
+)
 from token_budget.worker.backoff import Backoff, RetryPolicy, pause
 from token_budget.worker.broker.acks import Disposition, Settlement, settle, settle_failure
 from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
@@ -39,9 +46,12 @@ from token_budget.worker.domain.outcomes import (
 )
 from token_budget.worker.errors import Fenced
 
-__all__ = ["DrainListener", "Lane", "LaneConfig"]
+__all__ = ["QUERIES_INDEX", "DrainListener", "Lane", "LaneConfig"]
 
 _STOP: Any = object()
+#: The index of the lane that serves ``budget.queries`` (in logs and in the
+#: ``x-budget-lane`` header of its dead letters).
+QUERIES_INDEX = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +73,9 @@ class LaneConfig:
     #: Which lane each agent belongs to; None only for tools and tests that
     #: consume lanes of their own.
     lanes: LaneMap | None = None
+    #: The lane serves ``budget.queries``: only committed queries, reached by
+    #: the queue's name rather than the agent's.
+    queries_only: bool = False
 
 
 class DrainListener(Protocol):
@@ -342,7 +355,16 @@ class Lane:
         self._log.info("lane_drained", queue=self.queue_name)
 
     def _decode(self, message: AbstractIncomingMessage) -> Envelope | Invalid:
-        item = decode_delivery(message, max_body_bytes=self._config.max_body_bytes)
+        queries_only = self._config.queries_only
+        item = decode_delivery(
+            message, max_body_bytes=self._config.max_body_bytes, routed_by_agent=not queries_only
+        )
+        if queries_only and isinstance(item, Envelope) and not is_committed_query(item.command):
+            return Invalid(
+                f"{QUERIES_QUEUE} answers only get_budget and get_available with "
+                f'"consistency": "committed"; publish {item.command.command_type.value} '
+                f"to {COMMANDS_EXCHANGE}"
+            )
         lanes = self._config.lanes
         if isinstance(item, Envelope) and lanes is not None and self._draining is None:
             home = lanes.index_of(item.command.agent_id)

@@ -29,6 +29,7 @@ from token_budget.schemas import (
     EVENTS_EXCHANGE,
     LANES_EXCHANGE,
     LANES_EXCHANGE_TYPE,
+    QUERIES_QUEUE,
     lane_queue_name,
 )
 from token_budget.worker.errors import PLUGIN_HINT, PluginMissing, TopologyError
@@ -44,6 +45,7 @@ __all__ = [
     "broker_version",
     "declare_topology",
     "lane_arguments",
+    "queries_arguments",
     "routing_is_stable_on",
     "switch_routing",
 ]
@@ -105,6 +107,14 @@ def lane_arguments(delivery_limit: int) -> dict[str, aio_pika.abc.FieldValue]:
     }
 
 
+def queries_arguments(delivery_limit: int) -> dict[str, aio_pika.abc.FieldValue]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    }
+
+
 async def declare_topology(connection: AbstractConnection, spec: TopologySpec) -> Topology:
     """Declare exchanges, the dead-letter queue and the lanes.
 
@@ -125,6 +135,10 @@ async def declare_topology(connection: AbstractConnection, spec: TopologySpec) -
             DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await dead_queue.bind(dead)
+        # Committed queries: every worker consumes it (no single active consumer).
+        await channel.declare_queue(
+            QUERIES_QUEUE, durable=True, arguments=queries_arguments(spec.delivery_limit)
+        )
         await _check_lane_count(connection, spec.partitions)
         lanes = [
             await channel.declare_queue(

@@ -20,6 +20,7 @@ from token_budget.schemas import (
     Command,
     CommandType,
     Commit,
+    Consistency,
     ErrorReply,
     Release,
     ThresholdCrossedEvent,
@@ -246,6 +247,12 @@ def _query(state: AgentState, command: Command, ctx: RuleContext) -> Outcome:
     except BudgetError as refusal:
         error_reply = ErrorReply(error=refusal.to_body())
         return Outcome(OutcomeKind.QUERY_REFUSED, error_reply, encode_reply(error_reply))
+    if getattr(command, "consistency", None) is not None:
+        # It named its consistency: say which it got. On its lane that is
+        # read-your-writes, even if it asked for committed (which is less).
+        reply = reply.model_copy(
+            update={"consistency": Consistency.READ_YOUR_WRITES, "as_of": ctx.now}
+        )
     return Outcome(OutcomeKind.QUERY, reply, encode_reply(reply))
 
 

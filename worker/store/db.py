@@ -13,6 +13,7 @@ from token_budget.worker.backoff import RetryPolicy, pause
 
 __all__ = [
     "create_engine",
+    "create_reader",
     "is_sqlite",
     "is_transient",
     "retry_while_transient",
@@ -96,6 +97,43 @@ def create_engine(
                 # A worker frozen inside a transaction (SIGSTOP, a cut
                 # network) must not hold its locks, and so its partitions,
                 # for ever: the server ends such a session after 5 s.
+                "idle_in_transaction_session_timeout": "5000",
+            }
+        },
+    )
+
+
+def create_reader(
+    url: str, *, pool_size: int = 2, application_name: str = "budget-worker"
+) -> AsyncEngine:
+    """An engine for reads that must not wait for writers (committed queries).
+
+    SQLite: connections of its own, in WAL read mode (no ``BEGIN IMMEDIATE``,
+    ``query_only``), so a read never queues behind a batch holding the write
+    lock. PostgreSQL: read-only sessions (MVCC readers never wait for writers).
+    """
+    if is_sqlite(url):
+        engine = create_async_engine(
+            url, pool_size=pool_size, max_overflow=0, connect_args={"timeout": 30}
+        )
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _read_only(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA query_only=ON")
+            cursor.close()
+
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_pre_ping=True,
+        connect_args={
+            "server_settings": {
+                "default_transaction_read_only": "on",
+                "application_name": application_name,
                 "idle_in_transaction_session_timeout": "5000",
             }
         },

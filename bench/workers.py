@@ -150,6 +150,8 @@ class Prepared:
             # batch_applied lines time the drain; info is also the default level.
             "BUDGET_LOG_LEVEL": "info",
             "BUDGET_LOG_FORMAT": "json",
+            # One worker per process: the scenario starts as many as it measures.
+            "BUDGET_PROCESSES": "1",
             "PYTHONUNBUFFERED": "1",
         }
         self.spawned += 1

@@ -28,6 +28,11 @@ from token_budget.worker.store.migrate import upgrade
 
 configure_logging("info", LogFormat.CONSOLE)
 
+# Every worker process a test starts is one worker, as before `--processes`:
+# tests that kill "the worker" kill it, not a supervisor. Tests of the
+# supervisor ask for more explicitly.
+os.environ["BUDGET_PROCESSES"] = "1"
+
 # CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) derandomizes: the same examples on
 # every run, so a failure cannot pass on a lucky rerun. At a desk, examples are
 # random and failures are kept in .hypothesis/ to be replayed first.

@@ -23,6 +23,7 @@ from token_budget.worker.logs import configure_logging, get_logger
 from token_budget.worker.settings import Settings
 from token_budget.worker.store.db import create_engine, is_transient
 from token_budget.worker.store.migrate import current_revision, head_revision, upgrade
+from token_budget.worker.supervisor import Supervisor, default_processes
 from token_budget.worker.urls import redact_url
 
 __all__ = ["check", "main"]
@@ -40,14 +41,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="check that RabbitMQ and the database are reachable and the schema is current; "
         "exit 0 if so, 2 if one is unreachable, 1 if one refuses (login, schema)",
     )
+    parser.add_argument(
+        "--processes",
+        type=_at_least_one,
+        default=None,
+        metavar="N",
+        help="worker processes to run, sharing the lanes (default: BUDGET_PROCESSES, "
+        "else one per CPU); 1 runs the worker in this process",
+    )
     parser.add_argument("command", nargs="?", choices=["run", "migrate"], default="run")
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    processes = args.processes or settings.processes or default_processes()
     if args.check:
         return asyncio.run(check(settings))
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
+    if processes > 1:
+        return asyncio.run(_supervise(settings, processes))
     try:
         asyncio.run(_run(settings))
     except (TopologyError, BrokerRefused) as error:
@@ -64,6 +76,21 @@ async def _run(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
     await worker.run()
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+async def _supervise(settings: Settings, processes: int) -> int:
+    supervisor = Supervisor(processes, retry=settings.retry, log=get_logger())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, supervisor.stop)
+    return await supervisor.run()
 
 
 async def _migrate(settings: Settings) -> int:

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     renew_interval: float = Field(default=2.0, gt=0)
     migrate_on_start: bool = True
     db_pool_size: int = Field(default=5, ge=1, le=100)
+    #: ``BUDGET_PROCESSES``: worker processes ``budget-worker`` runs (one per
+    #: CPU when unset); they share the lanes through the pool like workers on
+    #: several hosts. 1: this process is the worker, no supervisor.
+    processes: int | None = Field(default=None, ge=1, le=256)
     #: Backoff of every retry loop (lanes, pool, outbox, sweeper, start-up,
     #: reconnects) while the broker or the database is away: the first
     #: delay, doubled on every failure up to the cap.

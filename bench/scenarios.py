@@ -139,10 +139,15 @@ async def rpc_latency(config: BenchConfig, admin: RabbitAdmin) -> dict[str, Any]
         for _ in range(20):
             await client.echo(callers[0], within=_IDLE_WAIT)
             await client.get_budget(callers[0], within=_IDLE_WAIT)
+            await client.get_budget_committed(callers[0], within=_IDLE_WAIT)
         echo_idle, worker_idle = _Samples("echo, idle"), _Samples("get_budget, idle")
+        committed_idle = _Samples("committed get_budget, idle")
         for _ in range(config.rpc_calls):
             await echo_idle.take(lambda: client.echo(callers[0], within=_IDLE_WAIT))
             await worker_idle.take(lambda: client.get_budget(callers[0], within=_IDLE_WAIT))
+            await committed_idle.take(
+                lambda: client.get_budget_committed(callers[0], within=_IDLE_WAIT)
+            )
         await worker.stop()
         result = await _drain_with_rpc(prepared, client, callers)
     during = result.pop("during")
@@ -152,10 +157,13 @@ async def rpc_latency(config: BenchConfig, admin: RabbitAdmin) -> dict[str, Any]
         "worker_idle": worker_idle.summary(),
         "echo_drain": during["echo"].summary(),
         "worker_drain": during["worker"].summary(),
+        "committed_idle": committed_idle.summary(),
+        "committed_drain": during["committed"].summary(),
         "drain": {k: result[k] for k in ("n", "seconds", "msgs_per_s", "loadavg")},
         "note": (
             "get_budget is ordered behind every command already in its agent's lane, "
-            "so during a drain its latency includes waiting for that lane's backlog"
+            "so during a drain its latency includes waiting for that lane's backlog; "
+            "a committed get_budget (budget.queries) is not"
         ),
     }
 
@@ -165,13 +173,19 @@ async def _drain_with_rpc(
 ) -> dict[str, Any]:
     async def during(drained: asyncio.Event) -> dict[str, _Samples]:
         worker, echo = _Samples("get_budget, draining"), _Samples("echo, draining")
+        committed = _Samples("committed get_budget, draining")
         await asyncio.gather(
+            _until(
+                drained,
+                committed,
+                lambda: client.get_budget_committed(callers[0], within=_DRAIN_WAIT),
+            ),
             *(
                 _until(drained, worker, lambda a=agent: client.get_budget(a, within=_DRAIN_WAIT))
                 for agent in callers
             ),
             _until(drained, echo, lambda: client.echo(callers[0], within=_DRAIN_WAIT)),
         )
-        return {"worker": worker, "echo": echo}
+        return {"worker": worker, "echo": echo, "committed": committed}
 
     return await drain(prepared, processes=1, backlog=prepared.config.n, tag="q", during=during)

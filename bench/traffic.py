@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from token_budget.schemas import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
+from token_budget.schemas import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO, QUERIES_QUEUE
 from token_budget.worker.broker.topology import TopologySpec, declare_topology
 
 from .echo import ECHO_EXCHANGE
@@ -167,6 +167,14 @@ class RpcClient:
         )
         if not json.loads(reply).get("ok", False):
             raise RuntimeError(f"get_budget({agent}) failed: {reply[:300]!r}")
+        return latency
+
+    async def get_budget_committed(self, agent: str, *, within: float = 120.0) -> float:
+        """Latency of one committed get_budget on budget.queries (not behind the lane)."""
+        body = _body(type="get_budget", agent_id=agent, consistency="committed")
+        latency, reply = await self.call("", QUERIES_QUEUE, body, within=within)
+        if not json.loads(reply).get("ok", False):
+            raise RuntimeError(f"committed get_budget({agent}) failed: {reply[:300]!r}")
         return latency
 
     async def echo(self, agent: str, *, within: float = 120.0) -> float:

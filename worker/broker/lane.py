@@ -264,7 +264,9 @@ class Lane:
         pending: list[Awaitable[Any]] = []
         for message, item, result in zip(batch, decoded, results, strict=True):
             settlement = settle(result, has_reply_to=can_reply(message))
-            pending.append(self._act(settlement.disposition, work, message, settlement))
+            if settlement.disposition is not Disposition.ACK:
+                # An ACK is the batch's one acknowledgement below: no task per delivery.
+                pending.append(self._act(settlement.disposition, work, message, settlement))
             if can_reply(message):
                 duplicate = isinstance(result, Outcome) and result.kind is OutcomeKind.DUPLICATE
                 pending.append(publisher.reply(message, reply_body(result), duplicate=duplicate))

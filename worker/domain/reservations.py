@@ -102,6 +102,8 @@ def expire_due(state: AgentState, now: datetime) -> list[Change]:
     if state.expired_at == now:
         return []  # holds made since then expire after ``now``
     state.expired_at = now
+    if not state.holds:
+        return []
     due = sorted(
         (h for h in state.holds.values() if h.is_open and h.expires_at <= now),
         key=lambda h: (h.expires_at, h.reservation_id),

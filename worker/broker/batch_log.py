@@ -2,9 +2,9 @@
 
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from structlog.typing import FilteringBoundLogger
 
+from token_budget.worker.broker.consumer import Delivery
 from token_budget.worker.broker.decode import Invalid
 from token_budget.worker.domain.outcomes import Envelope, Outcome
 
@@ -13,7 +13,7 @@ __all__ = ["log_batch"]
 
 def log_batch(
     log: FilteringBoundLogger,
-    batch: list[AbstractIncomingMessage],
+    batch: list[Delivery],
     decoded: list[Envelope | Invalid],
     results: list[Outcome | Invalid],
     seconds: float,

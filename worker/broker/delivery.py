@@ -1,9 +1,8 @@
 """A delivery as the lane reads it: its properties checked, its body decoded,
 and what its reply carries."""
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from token_budget.schemas import ErrorBody, ErrorReply, encode_reply
+from token_budget.worker.broker.consumer import Delivery
 from token_budget.worker.broker.decode import Invalid, decode
 from token_budget.worker.broker.wire_guard import has_invalid_text
 from token_budget.worker.domain.outcomes import Envelope, Outcome
@@ -12,11 +11,15 @@ __all__ = ["can_reply", "decode_delivery", "reply_body"]
 
 
 def decode_delivery(
-    message: AbstractIncomingMessage, *, max_body_bytes: int, routed_by_agent: bool = True
+    message: Delivery, *, max_body_bytes: int, routed_by_agent: bool = True
 ) -> Envelope | Invalid:
     """The delivery's command, or why it cannot be applied."""
     for name in _TEXT_PROPERTIES:
-        if has_invalid_text(getattr(message, name)):
+        value = getattr(message, name)
+        # Absent or ASCII: nearly every property of nearly every delivery.
+        if value is None or (value.__class__ is str and value.isascii()):
+            continue
+        if has_invalid_text(value):
             return Invalid(f"property {name} is not valid UTF-8")
     return decode(
         message.body,
@@ -42,7 +45,7 @@ _TEXT_PROPERTIES = (
 )
 
 
-def can_reply(message: AbstractIncomingMessage) -> bool:
+def can_reply(message: Delivery) -> bool:
     return bool(message.reply_to) and not has_invalid_text(message.reply_to)
 
 

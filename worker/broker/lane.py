@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, assert_never
 
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from structlog.typing import FilteringBoundLogger
 
 from token_budget.client.connection import is_open
@@ -33,6 +34,7 @@ from token_budget.worker.backoff import Backoff, RetryPolicy, pause
 from token_budget.worker.broker.acks import Disposition, Settlement, settle, settle_failure
 from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
 from token_budget.worker.broker.batch_log import log_batch
+from token_budget.worker.broker.consumer import Delivery, consume
 from token_budget.worker.broker.decode import Invalid
 from token_budget.worker.broker.delivery import can_reply, decode_delivery, reply_body
 from token_budget.worker.broker.publisher import DRAIN_MARKER, Publisher
@@ -95,13 +97,15 @@ class _Requeued(Exception):
 class _Batch:
     """The deliveries of one batch, on the channel they arrived on."""
 
-    messages: list[AbstractIncomingMessage]
+    messages: list[Delivery]
     channel: AbstractChannel
+    #: The aiormq channel under ``channel``, which the deliveries came on.
+    underlay: aiormq.abc.AbstractChannel
     publisher: "Publisher"
     backoff: Backoff
 
     @property
-    def last(self) -> AbstractIncomingMessage:
+    def last(self) -> Delivery:
         return self.messages[-1]
 
 
@@ -179,17 +183,17 @@ class Lane:
         publisher = await Publisher.open(self._connection, channel)
         try:
             await channel.set_qos(prefetch_count=self._config.prefetch)
-            queue = await channel.get_queue(self.queue_name, ensure=False)
+            underlay = await channel.get_underlay_channel()
             self._inbox = asyncio.Queue()
             if self._stopping:
                 return
-            await queue.consume(self._on_message, no_ack=False)
+            await consume(underlay, self.queue_name, self._inbox.put_nowait)
             self._log.debug("lane_consuming", queue=self.queue_name)
             await self._start_drain(publisher)
             while not self._stopping:
                 messages = await self._take()
                 if messages:
-                    batch = _Batch(messages, channel, publisher, self._retry_backoff())
+                    batch = _Batch(messages, channel, underlay, publisher, self._retry_backoff())
                     try:
                         await self._process(batch)
                     except _Requeued:
@@ -204,10 +208,7 @@ class Lane:
             await _close(publisher.channel)
             await _close(channel)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._inbox.put_nowait(message)
-
-    async def _take(self) -> list[AbstractIncomingMessage]:
+    async def _take(self) -> list[Delivery]:
         first = await self._inbox.get()
         if first is _STOP:
             return []
@@ -221,7 +222,7 @@ class Lane:
                 break
             batch.append(item)
         # Callbacks are started in delivery order; sorting by tag makes it so.
-        batch.sort(key=lambda message: message.delivery_tag or 0)
+        batch.sort(key=lambda message: message.delivery_tag)
         return batch
 
     async def _start_drain(self, publisher: Publisher) -> None:
@@ -287,7 +288,7 @@ class Lane:
         self,
         disposition: Disposition,
         work: _Batch,
-        message: AbstractIncomingMessage | None = None,
+        message: Delivery | None = None,
         settlement: Settlement | None = None,
         error: BaseException | None = None,
     ) -> None:
@@ -300,7 +301,7 @@ class Lane:
             case Disposition.ACK:
                 if message is None:
                     # The batch's last delivery: one acknowledgement covers it and all before.
-                    await work.last.ack(multiple=True)
+                    await work.underlay.basic_ack(work.last.delivery_tag, multiple=True)
             case Disposition.DEAD_LETTER:
                 assert message is not None and settlement is not None
                 await work.publisher.dead_letter(
@@ -327,15 +328,13 @@ class Lane:
             case _:
                 assert_never(disposition)
 
-    def _take_markers(
-        self, batch: list[AbstractIncomingMessage]
-    ) -> tuple[list[AbstractIncomingMessage], bool]:
+    def _take_markers(self, batch: list[Delivery]) -> tuple[list[Delivery], bool]:
         """The batch without drain markers; True if ours is among them.
 
         A marker of a former owner of this lane (which died draining) is
         acknowledged with the batch and logged: only our own marks the end.
         """
-        kept: list[AbstractIncomingMessage] = []
+        kept: list[Delivery] = []
         ours = False
         for message in batch:
             marker = (message.headers or {}).get(DRAIN_MARKER)
@@ -356,7 +355,7 @@ class Lane:
         self._draining = None
         self._log.info("lane_drained", queue=self.queue_name)
 
-    def _decode(self, message: AbstractIncomingMessage) -> Envelope | Invalid:
+    def _decode(self, message: Delivery) -> Envelope | Invalid:
         queries_only = self._config.queries_only
         item = decode_delivery(
             message, max_body_bytes=self._config.max_body_bytes, routed_by_agent=not queries_only
@@ -387,9 +386,7 @@ class Lane:
                 )
         return item
 
-    def _authorize(
-        self, message: AbstractIncomingMessage, item: Envelope | Invalid
-    ) -> Outcome | None:
+    def _authorize(self, message: Delivery, item: Envelope | Invalid) -> Outcome | None:
         if not isinstance(item, Envelope):
             return None
         error = authorize(item.command, message.user_id, self._config.auth)

@@ -9,7 +9,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
-    AbstractIncomingMessage,
     DeliveryMode,
 )
 
@@ -26,6 +25,7 @@ from token_budget.schemas import (
     RefusedEvent,
     refused_routing_key,
 )
+from token_budget.worker.broker.consumer import Delivery
 from token_budget.worker.broker.wire_guard import clean_text
 
 __all__ = ["DRAIN_MARKER", "Publisher"]
@@ -68,9 +68,7 @@ class Publisher:
         if not self.channel.is_closed:
             await self.channel.close()
 
-    def reply(
-        self, request: AbstractIncomingMessage, body: bytes, *, duplicate: bool = False
-    ) -> Awaitable[Any]:
+    def reply(self, request: Delivery, body: bytes, *, duplicate: bool = False) -> Awaitable[Any]:
         """Answer ``request`` on its ``reply_to`` (direct reply-to or a queue)."""
         assert request.reply_to is not None
         message = aio_pika.Message(
@@ -116,7 +114,7 @@ class Publisher:
         return self._events.publish(message, routing_key=routing_key, mandatory=False)
 
     def dead_letter(
-        self, request: AbstractIncomingMessage, *, code: str, reason: str, lane: int
+        self, request: Delivery, *, code: str, reason: str, lane: int
     ) -> Awaitable[Any]:
         """Keep the delivery as it came, with why it could not be applied."""
         # The original may hold text that was not UTF-8 (refused for that):

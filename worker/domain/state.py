@@ -128,15 +128,17 @@ class AgentState:
 
 
 def view(state: AgentState) -> OkReply:
+    # model_construct: the rules computed these numbers, validating them
+    # again per command would cost more than applying the command.
     if not state.has_budget:
-        return OkReply(
+        return OkReply.model_construct(
             agent_id=state.agent_id,
             allocated_tokens=None,
             used_tokens=None,
             reserved_tokens=None,
             available_tokens=None,
         )
-    return OkReply(
+    return OkReply.model_construct(
         agent_id=state.agent_id,
         allocated_tokens=state.allocated,
         used_tokens=state.used,

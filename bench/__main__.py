@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         "--n",
         type=_positive,
         default=None,
-        help="consume commands per drain (default 20000; 500 with --quick)",
+        help="consume commands per drain (default 100000; 500 with --quick)",
     )
     parser.add_argument(
         "--quick",
@@ -130,13 +130,14 @@ async def _run(config: BenchConfig, sections: list[str]) -> int:
     if "worker" in sections:
         results["worker"] = {}
         for kind in ("sqlite", "postgresql"):
-            for processes in (1, 2):
+            for processes in (1, 2, None):
+                name = "default" if processes is None else str(processes)
                 value = await step(
-                    f"worker drain, {kind}, {processes} process(es)",
+                    f"worker drain, {kind}, {name} process(es)",
                     functools.partial(worker_drain, config, admin, kind, processes),
                 )
                 if value is not None:
-                    results["worker"][f"{kind}_{processes}"] = value
+                    results["worker"][f"{kind}_{name}"] = value
     if "rpc" in sections:
         results["rpc"] = await step("RPC latency", lambda: rpc_latency(config, admin))
     if "rss" in sections:

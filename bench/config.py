@@ -38,7 +38,7 @@ class BenchConfig:
     def make(cls, *, n: int | None, quick: bool, out: Path | None) -> "BenchConfig":
         settings = Settings()
         return cls(
-            n=n if n is not None else (500 if quick else 20_000),
+            n=n if n is not None else (500 if quick else 100_000),
             agents=20 if quick else 1_000,
             rss_backlogs=(1_000, 2_000) if quick else (10_000, 100_000),
             rpc_calls=300 if quick else 500,  # 300: the fewest samples for a p99

@@ -13,6 +13,8 @@ __all__ = ["HEADLINES", "format_table", "ratios", "write_chart", "write_json"]
 HEADLINES: list[tuple[str, str]] = [
     ("worker_sqlite_1_vs_do_nothing", "SQLite drain vs do-nothing consumer"),
     ("worker_sqlite_1_vs_naive", "SQLite drain vs naive worker"),
+    ("worker_sqlite_default_vs_do_nothing", "budget-worker (default) vs 1 do-nothing"),
+    ("worker_postgresql_1_vs_do_nothing", "PostgreSQL drain vs do-nothing consumer"),
     ("rpc_p99_worker_idle_vs_echo_idle", "get_budget p99 vs echo p99, idle"),
     ("rpc_p99_committed_drain_vs_echo_idle", "committed p99, draining, vs idle echo p99"),
     ("rss_large_vs_small", "peak RSS, large vs small backlog"),
@@ -23,12 +25,16 @@ _WORKER_ROWS = [
     ("sqlite_2", "worker, SQLite, 2 processes"),
     ("postgresql_1", "worker, PostgreSQL, 1 process"),
     ("postgresql_2", "worker, PostgreSQL, 2 processes"),
+    ("sqlite_default", "budget-worker, SQLite, default"),
+    ("postgresql_default", "budget-worker, PostgreSQL, default"),
 ]
 _SHORT = {
     "sqlite_1": "SQLite 1p",
     "sqlite_2": "SQLite 2p",
     "postgresql_1": "PostgreSQL 1p",
     "postgresql_2": "PostgreSQL 2p",
+    "sqlite_default": "SQLite default",
+    "postgresql_default": "PostgreSQL default",
 }
 
 
@@ -52,7 +58,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for key, _ in _WORKER_ROWS:
         kind, processes = key.rsplit("_", 1)
-        limit = _baseline(results, "do_nothing", processes)
+        # The default process count is measured against one do-nothing
+        # process: what one command gives, against the simplest consumer.
+        limit = _baseline(results, "do_nothing", "1" if processes == "default" else processes)
         naive = _baseline(results, "naive", kind)
         worker = results.get("worker", {}).get(key, {})
         rate = worker.get("msgs_per_s")

@@ -26,14 +26,17 @@ _DRAIN_WAIT = 120.0
 
 
 async def worker_drain(
-    config: BenchConfig, admin: RabbitAdmin, kind: str, processes: int
+    config: BenchConfig, admin: RabbitAdmin, kind: str, processes: int | None
 ) -> dict[str, Any]:
-    """``config.n`` consumes from a pre-filled backlog, ``processes`` workers."""
+    """``config.n`` consumes from a pre-filled backlog, ``processes`` workers
+    (None: one ``budget-worker`` with its default process count)."""
     async with contextlib.AsyncExitStack() as stack:
         prepared, setup = await prepare(
-            stack, admin, config, kind, f"{kind[:2]}{processes}", agent_names(config.agents)
+            stack, admin, config, kind, f"{kind[:2]}{processes or 'd'}", agent_names(config.agents)
         )
         await setup.stop()
+        if processes is None:
+            return await drain(prepared, processes=1, backlog=config.n, tag="c", supervised=True)
         return await drain(prepared, processes=processes, backlog=config.n, tag="c")
 
 

@@ -91,20 +91,31 @@ class WorkerProc:
     async def wait_ready(self, within: float = 60.0) -> None:
         await self.wait_for((b'"worker_ready"',), within)
 
+    def pids(self) -> list[int]:
+        """Its pid and, for a supervisor (``--processes``), its children's."""
+        children = [int(e["pid"]) for e in self.events() if e.get("event") == "child_started"]
+        return [self.pid, *children]
+
     def cpu_seconds(self) -> float | None:
-        """User + system CPU the process has used so far (/proc/<pid>/stat)."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return None
+        """User + system CPU its processes have used so far (/proc/<pid>/stat)."""
+        total = None
+        for pid in self.pids():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                total = used + (total or 0.0)
+        return total
 
     def memory_kib(self, field: str = "VmHWM") -> int | None:
-        """``VmHWM`` (peak resident set) or ``VmRSS`` from /proc, in KiB."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1])
-        return None
+        """``VmHWM`` (peak resident set) or ``VmRSS`` from /proc, in KiB: of its
+        largest process, for a supervisor."""
+        found = None
+        for pid in self.pids():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(f"{field}:"):
+                        found = max(found or 0, int(line.split()[1]))
+        return found
 
     async def stop(self, within: float = 30.0) -> None:
         """SIGTERM (the worker finishes its batch and closes), SIGKILL if it hangs."""
@@ -137,8 +148,11 @@ class Prepared:
     probe: Probe
     spawned: int = 0
 
-    def spawn(self) -> WorkerProc:
-        """Start a worker; it is stopped when the scenario's stack closes."""
+    def spawn(self, processes: int | None = 1) -> WorkerProc:
+        """Start a worker; it is stopped when the scenario's stack closes.
+
+        ``processes=None``: ``budget-worker``'s default (one per CPU, supervised).
+        """
         env = {
             **os.environ,
             "BUDGET_AMQP_URL": self.amqp_url,
@@ -151,9 +165,11 @@ class Prepared:
             "BUDGET_LOG_LEVEL": "info",
             "BUDGET_LOG_FORMAT": "json",
             # One worker per process: the scenario starts as many as it measures.
-            "BUDGET_PROCESSES": "1",
+            "BUDGET_PROCESSES": str(processes),
             "PYTHONUNBUFFERED": "1",
         }
+        if processes is None:
+            del env["BUDGET_PROCESSES"]
         self.spawned += 1
         worker = WorkerProc(self.workdir / f"worker-{self.spawned}.log", env).start()
         self.stack.push_async_callback(worker.stop)
@@ -197,6 +213,7 @@ async def drain(
     tag: str,
     during: Callable[[asyncio.Event], Coroutine[Any, Any, Any]] | None = None,
     rss_every: float | None = None,
+    supervised: bool = False,
 ) -> dict[str, Any]:
     """Publish ``backlog`` consumes with no worker running, then time the drain.
 
@@ -205,7 +222,7 @@ async def drain(
     """
     _, _, used_before = await prepared.probe.totals()
     publish_rate = await publish(prepared.amqp_url, consume_commands(prepared.agents, backlog, tag))
-    workers = [prepared.spawn() for _ in range(processes)]
+    workers = [prepared.spawn(None)] if supervised else [prepared.spawn() for _ in range(processes)]
     spawned = time.perf_counter()
     # CPU from the first lane's start on: start-up (imports, migrations,
     # joining the pool) is left out, as the baselines leave out theirs.

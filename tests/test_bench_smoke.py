@@ -29,7 +29,9 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     missing = [section for section in SECTIONS if not results.get(section)]
     assert not missing, f"sections missing from bench.json: {missing}"
     assert results["errors"] == {}
-    assert set(results["worker"]) == {"sqlite_1", "sqlite_2", "postgresql_1", "postgresql_2"}
+    assert set(results["worker"]) == {
+        f"{kind}_{n}" for kind in ("sqlite", "postgresql") for n in ("1", "2", "default")
+    }
     # The worker processes' own logs account for every command of each drain,
     # and each measured section produced its figures.
     n = results["config"]["n"]

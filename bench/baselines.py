@@ -201,10 +201,10 @@ async def naive(config: BenchConfig, admin: RabbitAdmin, kind: str = "sqlite") -
                 ],
             )
         names = await declare(url, config.partitions, config.delivery_limit)
-        await publish(url, consume_commands(names_of_agents, config.n, "c"))
+        await publish(url, consume_commands(names_of_agents, config.naive_n, "c"))
         connection = await aio_pika.connect(url)
         stack.push_async_callback(connection.close)
-        counter = _Counter(config.n)
+        counter = _Counter(config.naive_n)
         refused = 0
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -220,14 +220,14 @@ async def naive(config: BenchConfig, admin: RabbitAdmin, kind: str = "sqlite") -
 
         started, cpu = time.perf_counter(), time.process_time()
         await _consume_all(connection, names, config.prefetch, [on_message for _ in names])
-        await asyncio.wait_for(counter.done.wait(), _drain_timeout(config.n, 50))
+        await asyncio.wait_for(counter.done.wait(), _drain_timeout(config.naive_n, 50))
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {
-        "n": config.n,
+        "n": config.naive_n,
         "seconds": round(seconds, 4),
-        "msgs_per_s": round(config.n / seconds, 1),
+        "msgs_per_s": round(config.naive_n / seconds, 1),
         "cpu_s": round(cpu, 3),
-        "cpu_us_per_msg": round(cpu / config.n * 1e6, 1),
+        "cpu_us_per_msg": round(cpu / config.naive_n * 1e6, 1),
         "prefetch": config.prefetch,
         "database": kind,
         "refused": refused,

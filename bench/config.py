@@ -18,6 +18,9 @@ QUICK_OUT = DEFAULT_OUT / "quick"
 class BenchConfig:
     #: Consume commands in every drain (do-nothing, naive, worker scenarios).
     n: int
+    #: Consume commands the naive worker drains: at a few hundred a second its
+    #: rate does not depend on the backlog, and 100,000 would take many minutes.
+    naive_n: int
     #: Agents the commands are spread over (the routing key spreads them over lanes).
     agents: int
     #: Backlogs for the peak-RSS measurement: small, then large.
@@ -39,6 +42,7 @@ class BenchConfig:
         settings = Settings()
         return cls(
             n=n if n is not None else (500 if quick else 100_000),
+            naive_n=min(n if n is not None else 100_000, 500 if quick else 20_000),
             agents=20 if quick else 1_000,
             rss_backlogs=(1_000, 2_000) if quick else (10_000, 100_000),
             rpc_calls=300 if quick else 500,  # 300: the fewest samples for a p99

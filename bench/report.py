@@ -141,7 +141,7 @@ def format_table(results: dict[str, Any]) -> str:
                 n,
                 r.get(f"naive_{kind}_vs_do_nothing_1"),
                 1.0,
-                f"1 tx + 1 ack per msg, prefetch {n.get('prefetch')}",
+                f"1 tx + 1 ack per msg, prefetch {n.get('prefetch')}, n {_f(n.get('n'), 0)}",
             )
         )
     for key, label in _WORKER_ROWS:

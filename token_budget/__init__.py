@@ -2,67 +2,11 @@
 
 ``token_budget.client`` is the SDK (the base install), ``token_budget.schemas``
 the wire contract, ``token_budget.worker`` the service (``pip install
-'token-budget[worker]'``). The SDK's main names are re-exported here.
+'token-budget[worker]'``). The SDK's main names are re-exported here: the
+same list as ``token_budget.client.__all__``.
 """
 
-from token_budget.client import (
-    AgentNotFoundError,
-    BalanceOverflowError,
-    BrokerUnavailable,
-    BudgetClient,
-    BudgetClientError,
-    BudgetNotFoundError,
-    BudgetView,
-    CommandRefused,
-    ConflictError,
-    DatabaseRejectedError,
-    InsufficientBudgetError,
-    InvalidCommandError,
-    InvalidReply,
-    NotDelivered,
-    NoWorker,
-    OkReply,
-    ReplyLost,
-    ReplyQueue,
-    RequestTimeout,
-    Reservation,
-    ReservationClosedError,
-    ReservationNotFoundError,
-    ReservationScope,
-    UnauthorizedError,
-    WrongLaneError,
-    new_message_id,
-    refusal_for,
-    refusal_from_wire,
-)
+from token_budget import client as _client
+from token_budget.client import *  # noqa: F403
 
-__all__ = [
-    "AgentNotFoundError",
-    "BalanceOverflowError",
-    "BrokerUnavailable",
-    "BudgetClient",
-    "BudgetClientError",
-    "BudgetNotFoundError",
-    "BudgetView",
-    "CommandRefused",
-    "ConflictError",
-    "DatabaseRejectedError",
-    "InsufficientBudgetError",
-    "InvalidCommandError",
-    "InvalidReply",
-    "NoWorker",
-    "NotDelivered",
-    "OkReply",
-    "ReplyLost",
-    "ReplyQueue",
-    "RequestTimeout",
-    "Reservation",
-    "ReservationClosedError",
-    "ReservationNotFoundError",
-    "ReservationScope",
-    "UnauthorizedError",
-    "WrongLaneError",
-    "new_message_id",
-    "refusal_for",
-    "refusal_from_wire",
-]
+__all__ = list(_client.__all__)

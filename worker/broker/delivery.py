@@ -17,7 +17,7 @@ def decode_delivery(
     for name in _TEXT_PROPERTIES:
         value = getattr(message, name)
         # Absent or ASCII: nearly every property of nearly every delivery.
-        if value is None or (value.__class__ is str and value.isascii()):
+        if not value or (value.__class__ is str and value.isascii()):
             continue
         if has_invalid_text(value):
             return Invalid(f"property {name} is not valid UTF-8")

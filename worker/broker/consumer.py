@@ -1,9 +1,9 @@
 """Deliveries straight from aiormq: no aio-pika message object, no task per delivery.
 
 aio-pika wraps every delivery in an ``IncomingMessage`` and aiormq runs every
-consumer callback as a task of its own. The do-nothing consumer pays both,
-and so did the lanes: about a third of a lane's main-thread time went there
-(docs/performance.md). A lane needs neither: it reads a few properties, and
+consumer callback as a task of its own: together about half the CPU a
+do-nothing consumer spends per delivery (docs/performance.md). A lane needs
+neither: it reads a few properties, and
 acknowledges a whole batch at once on its channel. So a lane consumes on the
 aiormq channel under its aio-pika channel, and its deliveries go straight
 into the lane's inbox as ``Delivery`` objects.

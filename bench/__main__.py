@@ -20,11 +20,12 @@ from .baselines import do_nothing, naive
 from .config import DEFAULT_OUT, QUICK_OUT, BenchConfig
 from .infra import RabbitAdmin, machine_info, versions
 from .report import format_table, ratios, write_chart, write_json
+from .scaling import agents_scaling, rpc_under_stream
 from .scenarios import rpc_latency, rss, worker_drain
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("do_nothing", "naive", "worker", "rpc", "rss")
+SECTIONS = ("do_nothing", "naive", "worker", "rpc", "stream", "scaling", "rss")
 
 
 def _say(message: str) -> None:
@@ -140,6 +141,20 @@ async def _run(config: BenchConfig, sections: list[str]) -> int:
                     results["worker"][f"{kind}_{name}"] = value
     if "rpc" in sections:
         results["rpc"] = await step("RPC latency", lambda: rpc_latency(config, admin))
+    if "stream" in sections:
+        capacity = results.get("worker", {}).get("sqlite_1", {}).get("msgs_per_s")
+        results["stream"] = await step(
+            "RPC under a steady stream", lambda: rpc_under_stream(config, admin, capacity)
+        )
+    if "scaling" in sections:
+        results["scaling"] = {}
+        for kind in ("sqlite", "postgresql"):
+            value = await step(
+                f"cost per command by agent count, {kind}",
+                functools.partial(agents_scaling, config, admin, kind),
+            )
+            if value is not None:
+                results["scaling"][kind] = value
     if "rss" in sections:
         results["rss"] = await step("peak RSS", lambda: rss(config, admin))
     results = {key: value for key, value in results.items() if value is not None}

@@ -23,6 +23,8 @@ class BenchConfig:
     naive_n: int
     #: Agents the commands are spread over (the routing key spreads them over lanes).
     agents: int
+    #: Agents for the per-command cost figure: few, then very many (bulk-loaded).
+    agent_counts: tuple[int, int]
     #: Backlogs for the peak-RSS measurement: small, then large.
     rss_backlogs: tuple[int, int]
     #: Sequential get_budget / echo calls measured while idle.
@@ -44,6 +46,7 @@ class BenchConfig:
             n=n if n is not None else (500 if quick else 100_000),
             naive_n=min(n if n is not None else 100_000, 500 if quick else 20_000),
             agents=20 if quick else 1_000,
+            agent_counts=(20, 2_000) if quick else (1_000, 1_000_000),
             rss_backlogs=(1_000, 2_000) if quick else (10_000, 100_000),
             rpc_calls=300 if quick else 500,  # 300: the fewest samples for a p99
             rpc_drain_callers=4 if quick else 8,
@@ -59,4 +62,5 @@ class BenchConfig:
         data = asdict(self)
         data["out"] = str(self.out)
         data["rss_backlogs"] = list(self.rss_backlogs)
+        data["agent_counts"] = list(self.agent_counts)
         return data

@@ -17,6 +17,9 @@ HEADLINES: list[tuple[str, str]] = [
     ("worker_postgresql_1_vs_do_nothing", "PostgreSQL drain vs do-nothing consumer"),
     ("rpc_p99_worker_idle_vs_echo_idle", "get_budget p99 vs echo p99, idle"),
     ("rpc_p99_committed_drain_vs_echo_idle", "committed p99, draining, vs idle echo p99"),
+    ("rpc_p99_worker_stream_vs_echo_stream", "get_budget p99 vs echo p99, steady stream"),
+    ("cpu_per_command_many_vs_few_agents_sqlite", "CPU per command, many vs few agents, SQLite"),
+    ("cpu_per_command_many_vs_few_agents_postgresql", "the same, PostgreSQL"),
     ("rss_large_vs_small", "peak RSS, large vs small backlog"),
 ]
 
@@ -89,6 +92,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
             rpc.get(f"committed_{phase}", {}).get("p99_ms"),
             rpc.get("echo_idle", {}).get("p99_ms"),
         )
+    out["rpc_p99_worker_stream_vs_echo_stream"] = results.get("stream", {}).get("p99_ratio")
+    for kind, scaling in results.get("scaling", {}).items():
+        out[f"cpu_per_command_many_vs_few_agents_{kind}"] = scaling.get("cpu_ratio_many_few")
     out["rss_large_vs_small"] = results.get("rss", {}).get("ratio_large_small")
     return out
 
@@ -188,6 +194,32 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{_f(s.get('p99_ms')):>9}{_f(s.get('max_ms')):>10}"
             )
         lines.append(f"  ({rpc.get('note')}; p99 only from 300 samples on)")
+    if "stream" in results:
+        stream = results["stream"]
+        rate = _f(stream.get("stream_rate_target"), 0)
+        lines += [
+            "",
+            f"Under a steady stream of consumes at {rate}/s"
+            f" (a third of the 1-process SQLite drain; {stream.get('stream_sent')} sent)",
+        ]
+        for key, label in (("echo", "raw aio-pika echo"), ("worker", "worker get_budget")):
+            s = stream.get(key, {})
+            lines.append(
+                f"{label:38}{s.get('n', 0):>6}{_f(s.get('p50_ms')):>9}"
+                f"{_f(s.get('p99_ms')):>9}{_f(s.get('max_ms')):>10}"
+            )
+    if results.get("scaling"):
+        lines += [
+            "",
+            f"{'Cost per command by agent count':38}{'agents':>11}{'msg/s':>9}{'CPU us/msg':>12}",
+            "-" * 70,
+        ]
+        for kind, scaling in sorted(results["scaling"].items()):
+            for point in scaling["points"].values():
+                lines.append(
+                    f"{'one process, ' + kind:38}{point['agents']:>11,}"
+                    f"{_f(point['msgs_per_s'], 0):>9}{_f(point['cpu_us_per_msg'], 0):>12}"
+                )
     if "rss" in results:
         lines += [
             "",

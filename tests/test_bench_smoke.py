@@ -11,7 +11,7 @@ from bench.config import BenchConfig
 
 _ROOT = Path(__file__).resolve().parent.parent
 
-SECTIONS = ("do_nothing", "naive", "worker", "rpc", "rss")
+SECTIONS = ("do_nothing", "naive", "worker", "rpc", "stream", "scaling", "rss")
 
 
 @pytest.mark.slow

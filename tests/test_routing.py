@@ -38,6 +38,7 @@ from token_budget.schemas import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_QUEUE,
     HEADER_ERROR_CODE,
+    LANES_EXCHANGE,
     BudgetView,
     LaneMap,
     lane_queue_name,
@@ -297,7 +298,15 @@ def _exchange_type(rabbit: RabbitAdmin, vhost: str) -> str:
         if error.code == 404:  # between the switch's delete and declare
             return "missing"
         raise
-    return str(found["type"])
+    kind = str(found["type"])
+    if kind != "fanout":
+        return kind
+    # The switch declares the front exchange, then binds it to budget.lanes:
+    # until the binding exists a publish to it reaches no lane.
+    bindings = rabbit.call(
+        "GET", f"/exchanges/{quote(vhost, safe='')}/{COMMANDS_EXCHANGE}/bindings/source"
+    )
+    return "fanout" if any(b["destination"] == LANES_EXCHANGE for b in bindings) else "unbound"
 
 
 @pytest.mark.slow

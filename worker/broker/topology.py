@@ -177,7 +177,9 @@ async def switch_routing(connection: AbstractConnection, spec: TopologySpec) -> 
     """Replace a drained legacy ``budget.commands`` by the stable front exchange.
 
     Between the delete and the declare a publish to ``budget.commands`` fails
-    with NOT_FOUND (the SDK raises ``NotDelivered``; retrying is safe). Run it
+    with NOT_FOUND, and until the new exchange is bound to ``budget.lanes`` a
+    mandatory publish comes back unroutable (the SDK raises ``NotDelivered``
+    for both; retrying is safe; a publish without ``mandatory`` is lost). Run it
     only once every lane is drained: commands the old ring routed must not
     meet the same agents' commands routed by the new one.
     """

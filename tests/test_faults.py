@@ -263,8 +263,10 @@ async def test_database_outage_holds_commands_unanswered_and_resumes(
             async with read_only_engine(postgres.url) as engine:
                 await eventually(lambda: _reached(engine, 1000), within=60, what="first applied")
             # "immediate" is a crash: no checkpoint, the restart replays the WAL.
-            stopped_at = datetime.now(UTC)
             await asyncio.to_thread(postgres.stop, mode)
+            # Read once the server is down: a batch whose clock is later could
+            # still commit while the stop was under way (a CI failure: 31 such).
+            stopped_at = datetime.now(UTC)
             await publish_rounds(amqp, rounds[15:], reply_to)
             await eventually(
                 lambda: _storage_warnings(worker) >= 3, within=60, what="retries with backoff"

@@ -25,6 +25,7 @@ from .commands import (
     RegisterAgent,
     Release,
     Reserve,
+    SetPeriod,
     SetThresholds,
 )
 from .events import ThresholdCrossedEvent
@@ -38,8 +39,10 @@ __all__ = ["CONTRACT_VERSION", "DEFAULT_PATH", "build", "main", "render"]
 #: by a stable function of the agent id (a fanout budget.commands in front of
 #: the internal x-modulus-hash budget.lanes) and adds the code wrong_lane; 1.3
 #: adds committed queries (the queue budget.queries, the query field
-#: consistency, the reply fields consistency and as_of).
-CONTRACT_VERSION: Final = "1.3.0"
+#: consistency, the reply fields consistency and as_of); 1.4 adds budget
+#: periods (the command set_period, the reply fields period, timezone,
+#: period_start and resets_at).
+CONTRACT_VERSION: Final = "1.4.0"
 DEFAULT_PATH: Final = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 
 _REF = "#/components/schemas/{model}"
@@ -57,6 +60,11 @@ _COMMANDS: list[tuple[type[BaseModel], str]] = [
     (Commit, "Settle a hold with the tokens really used; the rest is freed."),
     (Release, "Free a hold unused."),
     (SetThresholds, "Replace the budget's usage thresholds (percent)."),
+    (
+        SetPeriod,
+        "Reset usage to 0 at every calendar boundary of period in timezone, from the next "
+        "one on (null: never). Replies then carry period, timezone, period_start, resets_at.",
+    ),
     (
         ExpireReservations,
         "INTERNAL, reserved for the workers' sweeper: expire the agent's overdue holds now.",

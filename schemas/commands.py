@@ -7,6 +7,7 @@ a producer never passes silently.
 
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal, TypeAlias
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +25,8 @@ from .limits import (
     MAX_THRESHOLDS,
     MAX_TOKENS,
     RESERVATION_ID_PATTERN,
+    TIMEZONE_MAX_LENGTH,
+    TIMEZONE_PATTERN,
 )
 
 __all__ = [
@@ -38,12 +41,15 @@ __all__ = [
     "ExpireReservations",
     "GetAvailable",
     "GetBudget",
+    "Period",
     "RegisterAgent",
     "Release",
     "ReservationId",
     "Reserve",
+    "SetPeriod",
     "SetThresholds",
     "Thresholds",
+    "TimeZone",
     "Tokens",
     "UsedTokens",
     "is_committed_query",
@@ -63,6 +69,7 @@ class CommandType(StrEnum):
     COMMIT = "commit"
     RELEASE = "release"
     SET_THRESHOLDS = "set_thresholds"
+    SET_PERIOD = "set_period"
     #: Internal: published by the workers' sweeper (docs/protocol.md, §4).
     EXPIRE_RESERVATIONS = "expire_reservations"
 
@@ -76,6 +83,41 @@ class Consistency(StrEnum):
     #: On ``budget.queries``, at once: the state as last committed, which may
     #: not yet include commands still queued on the agent's lane.
     COMMITTED = "committed"
+
+
+class Period(StrEnum):
+    """How often a budget's usage goes back to 0 (``set_period``, §4.5 of docs/protocol.md).
+
+    Boundaries are calendar ones in the budget's time zone: whole minutes and
+    hours, local midnight, Monday 00:00 (ISO weeks), the 1st at 00:00.
+    """
+
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+def _known_zone(name: str) -> str:
+    # The pattern first: ZoneInfo would otherwise look up any path it is given.
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(
+            f"unknown time zone {name!r}: use an IANA name such as 'UTC' or 'Europe/Berlin'"
+        ) from None
+    return name
+
+
+#: An IANA time zone name, known to the worker's time zone database.
+TimeZone: TypeAlias = Annotated[
+    str,
+    StringConstraints(
+        strict=True, min_length=1, max_length=TIMEZONE_MAX_LENGTH, pattern=TIMEZONE_PATTERN
+    ),
+    AfterValidator(_known_zone),
+]
 
 
 AgentId: TypeAlias = Annotated[
@@ -179,6 +221,15 @@ class SetThresholds(_Command):
     thresholds: Thresholds
 
 
+class SetPeriod(_Command):
+    """Reset the budget's usage at every ``period`` boundary in ``timezone``
+    from the next one on; ``period: null`` removes the period."""
+
+    type: Literal["set_period"]
+    period: Period | None
+    timezone: TimeZone = "UTC"
+
+
 class ExpireReservations(_Command):
     """Expire the agent's overdue holds now, in order with its other commands.
 
@@ -201,6 +252,7 @@ Command: TypeAlias = Annotated[
     | Commit
     | Release
     | SetThresholds
+    | SetPeriod
     | ExpireReservations,
     Field(discriminator="type"),
 ]

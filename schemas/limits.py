@@ -15,6 +15,8 @@ __all__ = [
     "MAX_TOKENS",
     "MESSAGE_ID_MAX_LENGTH",
     "RESERVATION_ID_PATTERN",
+    "TIMEZONE_MAX_LENGTH",
+    "TIMEZONE_PATTERN",
     "is_valid_agent_id",
 ]
 
@@ -46,6 +48,11 @@ RESERVATION_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 DEFAULT_THRESHOLDS: Final = (50, 80, 100)
 #: Thresholds are whole percents 1..100, so at most 100 distinct ones.
 MAX_THRESHOLDS: Final = 100
+
+#: IANA time zone names: ``Area/Location[/Sub]``, ``UTC``, ``Etc/GMT+5``. No
+#: dots, so no name can reach outside the time zone database.
+TIMEZONE_PATTERN: Final = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9][A-Za-z0-9_+-]*)*$"
+TIMEZONE_MAX_LENGTH: Final = 64
 
 _AGENT_ID = re.compile(AGENT_ID_PATTERN)
 

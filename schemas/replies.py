@@ -6,10 +6,11 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .commands import AgentId, CommandType, Consistency
+from .commands import AgentId, CommandType, Consistency, Period
 from .errors import ErrorCode
 
 __all__ = [
+    "PERIOD_FIELDS",
     "QUERY_FIELDS",
     "RESERVATION_FIELDS",
     "BudgetView",
@@ -57,6 +58,12 @@ class BudgetView(_Wire):
     #: is (``committed``: perhaps without commands still queued), as of when.
     consistency: Consistency | None = None
     as_of: datetime | None = None
+    #: Set only for a budget with a period (``set_period``): usage goes back to
+    #: 0 at ``resets_at``; both in the budget's time zone, with its offset.
+    period: Period | None = None
+    timezone: str | None = None
+    period_start: datetime | None = None
+    resets_at: datetime | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -68,6 +75,8 @@ class BudgetView(_Wire):
 RESERVATION_FIELDS = frozenset({"reservation_id", "expires_at"})
 #: Fields only the reply to a query that named its ``consistency`` carries.
 QUERY_FIELDS = frozenset({"consistency", "as_of"})
+#: Fields only the replies about a budget with a period carry.
+PERIOD_FIELDS = frozenset({"period", "timezone", "period_start", "resets_at"})
 
 
 class OkReply(_Wire):
@@ -85,6 +94,11 @@ class OkReply(_Wire):
     #: Which state the query's answer reflects, and as of when (UTC).
     consistency: Consistency | None = None
     as_of: datetime | None = None
+    #: The budget's period, when it has one (see ``BudgetView``).
+    period: Period | None = None
+    timezone: str | None = None
+    period_start: datetime | None = None
+    resets_at: datetime | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -125,8 +139,8 @@ Reply: TypeAlias = OkReply | ErrorReply
 
 
 def encode_reply(reply: Reply) -> bytes:
-    """The reply's body; absent error details and reservation fields are left
-    out, not sent as null."""
+    """The reply's body; absent error details, reservation, query and period
+    fields are left out, not sent as null."""
     if isinstance(reply, ErrorReply):
         return reply.model_dump_json(exclude_none=True).encode()
     absent: set[str] = set()
@@ -134,6 +148,8 @@ def encode_reply(reply: Reply) -> bytes:
         absent |= RESERVATION_FIELDS
     if reply.consistency is None:
         absent |= QUERY_FIELDS
+    if reply.period is None:
+        absent |= PERIOD_FIELDS
     return reply.model_dump_json(exclude=absent).encode()
 
 

@@ -31,6 +31,7 @@ WHO_MAY = {
     CommandType.COMMIT: "own",
     CommandType.RELEASE: "own",
     CommandType.SET_THRESHOLDS: "admin",
+    CommandType.SET_PERIOD: "admin",
     CommandType.EXPIRE_RESERVATIONS: "internal",
 }
 OWN = [kind for kind, who in WHO_MAY.items() if who == "own"]
@@ -45,6 +46,7 @@ FIELDS: dict[CommandType, dict[str, Any]] = {
     CommandType.COMMIT: {"reservation_id": "r-1", "tokens": 5},
     CommandType.RELEASE: {"reservation_id": "r-1"},
     CommandType.SET_THRESHOLDS: {"thresholds": [50, 90]},
+    CommandType.SET_PERIOD: {"period": "day", "timezone": "Europe/Berlin"},
 }
 
 

@@ -48,6 +48,7 @@ VALID = {
     CommandType.COMMIT: body("commit", reservation_id="r-1", tokens=3),
     CommandType.RELEASE: body("release", reservation_id="r-1"),
     CommandType.SET_THRESHOLDS: body("set_thresholds", thresholds=[50, 90]),
+    CommandType.SET_PERIOD: body("set_period", period="week", timezone="America/New_York"),
     CommandType.EXPIRE_RESERVATIONS: body("expire_reservations"),
 }
 
@@ -191,6 +192,34 @@ INVALID = [
         "less than or equal to 100",
         ("set_thresholds.thresholds.0",),
         id="threshold_over_100",
+    ),
+    pytest.param(
+        body("set_period", period="year"),
+        {},
+        "Input should be 'minute', 'hour', 'day', 'week' or 'month'",
+        ("set_period.period",),
+        id="unknown_period",
+    ),
+    pytest.param(
+        body("set_period", period=1),
+        {},
+        "Input should be 'minute', 'hour', 'day', 'week' or 'month'",
+        ("set_period.period",),
+        id="period_a_number",
+    ),
+    pytest.param(
+        body("set_period", period="day", timezone="Mars/Olympus"),
+        {},
+        "unknown time zone 'Mars/Olympus'",
+        ("set_period.timezone",),
+        id="unknown_time_zone",
+    ),
+    pytest.param(
+        body("set_period", period="day", timezone="../../etc/passwd"),
+        {},
+        "String should match pattern",
+        ("set_period.timezone",),
+        id="time_zone_path",
     ),
     pytest.param(
         CONSUME,

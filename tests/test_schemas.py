@@ -13,6 +13,7 @@ from token_budget.schemas import (
     AGENT_ID_MAX_LENGTH,
     AGENT_ID_PATTERN,
     MAX_TOKENS,
+    PERIOD_FIELDS,
     Allocate,
     Consume,
     ErrorBody,
@@ -21,7 +22,9 @@ from token_budget.schemas import (
     GetAvailable,
     GetBudget,
     OkReply,
+    Period,
     RegisterAgent,
+    SetPeriod,
     ValidationIssue,
     encode_reply,
     is_valid_agent_id,
@@ -396,3 +399,27 @@ def test_an_error_reply_keeps_the_details_it_has() -> None:
 def test_a_reply_with_an_unknown_error_code_is_refused() -> None:
     with pytest.raises(ValidationError):
         parse_reply(b'{"ok": false, "error": {"code": "no_such_code", "message": "x"}}')
+
+
+def test_set_period_without_a_time_zone_is_the_same_command_as_utc() -> None:
+    bare = parse_command('{"type": "set_period", "agent_id": "a", "period": "day"}')
+    utc = parse_command(
+        '{"type": "set_period", "agent_id": "a", "period": "day", "timezone": "UTC"}'
+    )
+    assert bare == utc and bare.model_dump_json() == utc.model_dump_json()
+
+
+def test_set_period_must_name_its_period_even_to_remove_it() -> None:
+    with pytest.raises(ValidationError, match="period"):
+        parse_command('{"type": "set_period", "agent_id": "a"}')
+    removed = parse_command('{"type": "set_period", "agent_id": "a", "period": null}')
+    assert isinstance(removed, SetPeriod) and removed.period is None
+
+
+def test_a_reply_without_a_period_leaves_the_period_fields_out() -> None:
+    plain = OkReply(
+        agent_id="a", allocated_tokens=10, used_tokens=1, reserved_tokens=0, available_tokens=9
+    )
+    assert not set(json.loads(encode_reply(plain))) & PERIOD_FIELDS
+    daily = plain.model_copy(update={"period": Period.DAY, "timezone": "UTC"})
+    assert set(json.loads(encode_reply(daily))) >= PERIOD_FIELDS

@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
@@ -56,11 +57,24 @@ async def connect_amqp(settings: Settings, *, name: str) -> AbstractConnection:
     )
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Worker:
     """Runs until ``stop()``; survives broker restarts by reconnecting."""
 
-    def __init__(self, settings: Settings, *, topology: TopologySpec | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        topology: TopologySpec | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        """``clock``: what decides hold deadlines and period boundaries (UTC
+        now by default; tests inject one)."""
         self.settings = settings
+        self.clock = clock or _utc_now
         self.topology = topology or TopologySpec(settings.partitions, settings.delivery_limit)
         self.ready = asyncio.Event()
         wire_guard.install()
@@ -123,6 +137,7 @@ class Worker:
             engine = self._require_engine()
             self._budget = BudgetService(
                 engine,
+                clock=self.clock,
                 reservation_ttl=settings.reservation_ttl,
                 on_events=self._outbox_wake.set,
             )
@@ -201,7 +216,7 @@ class Worker:
                 QUERIES_INDEX,
                 QUERIES_QUEUE,
                 connection,
-                CommittedReader(self._reader or self._require_engine()),
+                CommittedReader(self._reader or self._require_engine(), clock=self.clock),
                 dataclasses.replace(config, lanes=None, queries_only=True),
                 self._log,
             )

@@ -25,7 +25,7 @@ from token_budget.client import (
     CommandRefused,
     NoWorker,
 )
-from token_budget.schemas import QUERY_FIELDS
+from token_budget.schemas import PERIOD_FIELDS, QUERY_FIELDS, Period
 from token_budget.worker.errors import NoDatabase, ViewError
 from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
 from token_budget.worker.settings import Settings
@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument(
         "--wait", action="store_true", help="wait for the worker's answer, not only the broker's"
     )
+    period = sub.add_parser(
+        "period",
+        parents=[common, retry],
+        help="reset the agent's usage every minute, hour, day, week or month (none: never)",
+    )
+    period.add_argument("agent", metavar="AGENT")
+    period.add_argument("period", choices=[*Period, "none"], metavar="PERIOD")
+    period.add_argument("--timezone", default="UTC", help="IANA name (default UTC)")
     show = sub.add_parser("show", parents=[common], help="an agent's budget")
     show.add_argument("agent", metavar="AGENT")
     listing = sub.add_parser("list", parents=[common], help="agents and budgets, by agent id")
@@ -75,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     hist = sub.add_parser("history", parents=[common], help="an agent's ledger, oldest first")
     hist.add_argument("agent", metavar="AGENT")
     hist.add_argument("--limit", type=_positive, default=None, help="most rows")
+    hist.add_argument(
+        "--period", action="store_true", help="the tokens used in each period, oldest first"
+    )
     sub.add_parser(
         "reconcile",
         parents=[common],
@@ -143,6 +154,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str],
         if args.command == "list":
             rows = await views.budgets_page(url, args.limit)
             return [_row_line(row, args.json) for row in rows], ExitCode.OK
+        if args.command == "history" and args.period:
+            periods = await views.periods_of(url, args.agent)
+            if periods is None:
+                raise NoSuchAgent(repr(args.agent))
+            return _period_lines(*periods, as_json=args.json), ExitCode.OK
         if args.command == "history":
             entries = await views.ledger_of(url, args.agent, args.limit)
             if entries is None:
@@ -225,6 +241,11 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
             view = await client.register_agent(agent, message_id=message_id)
         elif args.command == "allocate":
             view = await client.allocate(agent, tokens, message_id=message_id)
+        elif args.command == "period":
+            chosen = None if args.period == "none" else Period(args.period)
+            view = await client.set_period(
+                agent, chosen, timezone=args.timezone, message_id=message_id
+            )
         elif args.command == "consume" and args.wait:
             view = await client.consume_and_wait(agent, tokens, message_id=message_id)
         elif args.command == "consume":
@@ -243,18 +264,55 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
 
 def _view_line(view: BudgetView, as_json: bool) -> str:
     if as_json:
-        return view.model_dump_json(exclude=set(QUERY_FIELDS))
+        absent = set(QUERY_FIELDS) | (set(PERIOD_FIELDS) if view.period is None else set())
+        return view.model_dump_json(exclude=absent)
     if view.allocated_tokens is None:
         return f"{view.agent_id}: registered, no budget yet"
-    return (
+    line = (
         f"{view.agent_id}: allocated={view.allocated_tokens} used={view.used_tokens} "
         f"reserved={view.reserved_tokens} available={view.available_tokens}"
     )
+    if view.period is not None and view.resets_at is not None:
+        line += (
+            f"; per {view.period.value} ({view.timezone}), resets at {view.resets_at.isoformat()}"
+        )
+    return line
+
+
+def _period_lines(periods: list[Any], timezone: str | None, *, as_json: bool) -> list[str]:
+    from token_budget.worker.domain.calendar import local
+
+    lines = []
+    for usage in periods:
+        start = usage.start
+        if start is not None and timezone is not None:
+            start = local(start, timezone)
+        if as_json:
+            shown = None if start is None else start.isoformat()
+            lines.append(
+                json.dumps({"period_start": shown, "used": usage.used, "closed": usage.closed})
+            )
+            continue
+        label = "before any period" if start is None else f"from {start.isoformat()}"
+        state = "" if usage.closed else " (current)"
+        lines.append(f"{label}: used={usage.used}{state}")
+    return lines
 
 
 def _row_line(row: dict[str, Any], as_json: bool) -> str:
+    from token_budget.worker.domain.calendar import local
+
     allocated, used, reserved = row["allocated_tokens"], row["used_tokens"], row["reserved_tokens"]
     available = None if allocated is None else allocated - used - reserved
+    period: dict[str, Any] = {}
+    if row["period"] is not None:
+        timezone = row["timezone"]
+        period = {
+            "period": row["period"],
+            "timezone": timezone,
+            "period_start": local(row["period_start"], timezone),
+            "resets_at": local(row["resets_at"], timezone),
+        }
     return _view_line(
         BudgetView(
             agent_id=row["agent_id"],
@@ -262,6 +320,7 @@ def _row_line(row: dict[str, Any], as_json: bool) -> str:
             used_tokens=used,
             reserved_tokens=reserved,
             available_tokens=available,
+            **period,
         ),
         as_json,
     )

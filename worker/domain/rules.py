@@ -19,9 +19,10 @@ from token_budget.schemas import (
     RegisterAgent,
     Release,
     Reserve,
+    SetPeriod,
     SetThresholds,
 )
-from token_budget.worker.domain import reservations
+from token_budget.worker.domain import periods, reservations
 from token_budget.worker.domain.errors import (
     AgentNotFound,
     BalanceOverflow,
@@ -41,7 +42,8 @@ def apply_rule(
 
     Returns the reply and the command's last ledger change, if any (a commit
     writes two). Holds need ``ctx``: the clock and the command's message_id.
-    Overdue holds are expired by the caller first (``reservations.expire_due``).
+    Overdue holds are expired and an ended period reset by the caller first
+    (``reservations.expire_due``, ``periods.roll``).
     """
     if isinstance(command, RegisterAgent):
         if not state.registered:
@@ -75,6 +77,8 @@ def apply_rule(
         return view(state), None
     if ctx is None:
         raise ValueError(f"{command.command_type.value} needs a RuleContext")
+    if isinstance(command, SetPeriod):
+        return periods.set_period(state, command, ctx)
     if isinstance(command, Reserve):
         return reservations.reserve(state, command, ctx)
     if isinstance(command, Commit):

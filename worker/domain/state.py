@@ -7,7 +7,13 @@ in memory, and the batch writes back what changed.
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from token_budget.schemas import DEFAULT_RESERVATION_TTL_SECONDS, DEFAULT_THRESHOLDS, OkReply
+from token_budget.schemas import (
+    DEFAULT_RESERVATION_TTL_SECONDS,
+    DEFAULT_THRESHOLDS,
+    OkReply,
+    Period,
+)
+from token_budget.worker.domain.calendar import local
 
 __all__ = [
     "AgentState",
@@ -52,6 +58,8 @@ class Change:
     #: The ledger row's message_id when it is not the command's (expiry).
     message_id: str | None = None
     reservation_id: str | None = None
+    #: A reset: the start of the period whose usage it sets back to 0.
+    period_start: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,13 @@ class AgentState:
     crossings: list[Crossing] = field(default_factory=list)
     #: The clock at which overdue holds were last expired (once per batch suffices).
     expired_at: datetime | None = None
+    #: The budget's period (None: usage never resets), its zone, and the
+    #: period now running: ``[period_start, resets_at)``, UTC.
+    period: Period | None = None
+    timezone: str | None = None
+    period_start: datetime | None = None
+    resets_at: datetime | None = None
+    period_changed: bool = False
 
     @property
     def available(self) -> int:
@@ -124,7 +139,7 @@ class AgentState:
 
     @property
     def dirty(self) -> bool:
-        return bool(self.changes) or self.thresholds_changed
+        return bool(self.changes) or self.thresholds_changed or self.period_changed
 
 
 def view(state: AgentState) -> OkReply:
@@ -138,12 +153,25 @@ def view(state: AgentState) -> OkReply:
             reserved_tokens=None,
             available_tokens=None,
         )
+    if state.period is None or state.timezone is None:
+        return OkReply.model_construct(
+            agent_id=state.agent_id,
+            allocated_tokens=state.allocated,
+            used_tokens=state.used,
+            reserved_tokens=state.reserved,
+            available_tokens=state.available,
+        )
+    assert state.period_start is not None and state.resets_at is not None
     return OkReply.model_construct(
         agent_id=state.agent_id,
         allocated_tokens=state.allocated,
         used_tokens=state.used,
         reserved_tokens=state.reserved,
         available_tokens=state.available,
+        period=state.period,
+        timezone=state.timezone,
+        period_start=local(state.period_start, state.timezone),
+        resets_at=local(state.resets_at, state.timezone),
     )
 
 
@@ -154,6 +182,7 @@ def record(
     *,
     message_id: str | None = None,
     reservation_id: str | None = None,
+    period_start: datetime | None = None,
 ) -> Change:
     state.seq += 1
     change = Change(
@@ -165,6 +194,7 @@ def record(
         state.reserved,
         message_id,
         reservation_id,
+        period_start,
     )
     state.changes.append(change)
     return change

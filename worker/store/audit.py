@@ -6,7 +6,7 @@ the open reservations.
 """
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select
@@ -14,7 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from token_budget.worker.store.tables import budgets, ledger, processed_commands, reservations
 
-__all__ = ["COMMAND_KINDS", "KIND_EFFECTS", "Discrepancy", "LedgerEntry", "history", "reconcile"]
+__all__ = [
+    "COMMAND_KINDS",
+    "KIND_EFFECTS",
+    "Discrepancy",
+    "LedgerEntry",
+    "PeriodUsage",
+    "history",
+    "period_usage",
+    "reconcile",
+]
 
 #: How each kind of ledger row moves a balance: (allocated, used, reserved) per
 #: token of its amount. A commit writes two rows: ``settle`` ends the hold
@@ -27,11 +36,13 @@ KIND_EFFECTS: dict[str, tuple[int, int, int]] = {
     "expire": (0, 0, -1),
     "settle": (0, 0, -1),
     "commit": (0, 1, 0),
+    "reset": (0, -1, 0),
 }
-#: Kinds written by a recorded command; ``expire`` rows are the worker's own,
-#: with the message_id ``expire:<reservation_id>``, and are checked against
-#: the reservation instead.
-COMMAND_KINDS = frozenset(KIND_EFFECTS) - {"expire"}
+#: Kinds written by a recorded command. ``expire`` and ``reset`` rows are the
+#: worker's own (message_ids ``expire:<reservation_id>``, ``reset:<period
+#: start>``): an expiry is checked against its reservation, a reset against
+#: the row before it.
+COMMAND_KINDS = frozenset(KIND_EFFECTS) - {"expire", "reset"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +58,8 @@ class LedgerEntry:
     created_at: datetime
     reserved_after: int = 0
     reservation_id: str | None = None
+    #: A reset row: the start of the period whose usage it set back to 0.
+    period_start: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,7 @@ async def history(
             ledger.c.created_at,
             ledger.c.reserved_after,
             ledger.c.reservation_id,
+            ledger.c.period_start,
         )
         .where(ledger.c.agent_id == agent_id)
         .order_by(ledger.c.seq)
@@ -84,7 +98,49 @@ async def history(
     if limit is not None:
         query = query.limit(limit)
     async with engine.connect() as conn:
-        return [LedgerEntry(*row) for row in await conn.execute(query)]
+        return [
+            LedgerEntry(*row[:6], _utc(row[6]), *row[7:9], _utc_or_none(row[9]))
+            for row in await conn.execute(query)
+        ]
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands datetimes back naive; every one we store is UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _utc_or_none(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _utc(moment)
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodUsage:
+    """The tokens used in one period, summed from its consume and commit rows."""
+
+    #: None for usage before the budget had a period.
+    start: datetime | None
+    used: int
+    #: False for the period still running (or ended, not yet reset: the
+    #: agent's next command writes its reset).
+    closed: bool
+
+
+def period_usage(entries: list[LedgerEntry], current_start: datetime | None) -> list[PeriodUsage]:
+    """Each period's usage, oldest first: the ledger cut at its reset rows.
+
+    A reset row names the period it closes; the rows after the last reset
+    belong to ``current_start`` (the budget's running period, if any).
+    """
+    found: list[PeriodUsage] = []
+    used = 0
+    for entry in entries:
+        if entry.kind == "reset":
+            found.append(PeriodUsage(entry.period_start, used, closed=True))
+            used = 0
+        elif KIND_EFFECTS.get(entry.kind, (0, 0, 0))[1] > 0:
+            used += entry.amount
+    found.append(PeriodUsage(current_start, used, closed=False))
+    return found
 
 
 def _sum_effect(column: int) -> ColumnElement[Any]:
@@ -199,7 +255,30 @@ async def reconcile(engine: AsyncEngine) -> list[Discrepancy]:
         .where(reservations.c.reservation_id.is_(None))
         .order_by(ledger.c.agent_id, ledger.c.seq)
     )
+    # A reset sets the whole usage the row before it left back to 0.
+    before = ledger.alias("before")
+    partial_resets = (
+        select(ledger.c.agent_id, ledger.c.seq, before.c.used_after, ledger.c.amount)
+        .select_from(
+            ledger.outerjoin(
+                before,
+                and_(before.c.agent_id == ledger.c.agent_id, before.c.seq == ledger.c.seq - 1),
+            )
+        )
+        .where(ledger.c.kind == "reset")
+        .where(
+            or_(
+                before.c.seq.is_(None),
+                before.c.used_after != ledger.c.amount,
+                ledger.c.used_after != 0,
+            )
+        )
+        .order_by(ledger.c.agent_id, ledger.c.seq)
+    )
     async with engine.connect() as conn:
+        for agent, seq, used_before, amount in await conn.execute(partial_resets):
+            check = f"ledger row {seq} resets the usage before it"
+            found.append(Discrepancy(agent, check, used_before, amount))
         for row in await conn.execute(mismatched):
             found.extend(_balance_discrepancies(tuple(row)))
         for agent, alloc_after, used_after, reserved_after in await conn.execute(last_rows):

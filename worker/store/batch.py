@@ -30,6 +30,7 @@ from token_budget.schemas import (
 )
 from token_budget.worker.domain.errors import BudgetError, Conflict
 from token_budget.worker.domain.outcomes import Envelope, Fence, Outcome, OutcomeKind
+from token_budget.worker.domain.periods import roll
 from token_budget.worker.domain.reservations import expire_due
 from token_budget.worker.domain.rules import apply_rule
 from token_budget.worker.domain.state import AgentState, Crossing, RuleContext
@@ -94,7 +95,8 @@ async def apply_in_transaction(
     lock), the rules run in memory in delivery order, and what changed is
     written back with one ``executemany`` per table. Before each command, the
     agent's holds whose deadline is ``now`` or earlier expire: expiry takes
-    its place in the agent's own order of commands.
+    its place in the agent's own order of commands, and so does the reset
+    of a period that has ended (``periods.roll``).
     """
     agent_ids = sorted({envelope.command.agent_id for envelope, _ in items})
     states = await load_states(conn, agent_ids, lock_rows=lock_rows)
@@ -113,6 +115,7 @@ async def apply_in_transaction(
         state = states[command.agent_id]
         marks = len(state.changes), len(state.crossings)
         expire_due(state, now)
+        roll(state, now)
         ctx = RuleContext(now, envelope.message_id, default_ttl)
         if not command.changes_state:
             outcomes.append(_query(state, command, ctx))
@@ -185,6 +188,7 @@ def _collect(
                 "used_after": change.used_after,
                 "reserved_after": change.reserved_after,
                 "reservation_id": change.reservation_id,
+                "period_start": change.period_start,
                 "created_at": now,
                 **lease,
             }

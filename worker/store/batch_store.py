@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import BindParameter, and_, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from token_budget.schemas import Period
 from token_budget.worker.domain.state import AgentState, Hold, HoldStatus
 from token_budget.worker.errors import StorageUnavailable
 from token_budget.worker.store.tables import (
@@ -46,6 +47,10 @@ _update_budget = (
         used_tokens=bindparam("b_used"),
         reserved_tokens=bindparam("b_reserved"),
         thresholds=bindparam("b_thresholds"),
+        period=bindparam("b_period"),
+        timezone=bindparam("b_timezone"),
+        period_start=bindparam("b_period_start"),
+        resets_at=bindparam("b_resets_at"),
         ledger_seq=bindparam("b_seq"),
         updated_at=bindparam("b_now"),
     )
@@ -66,6 +71,12 @@ _close_hold = (
 
 
 _ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
+_period_columns = (
+    budgets.c.period,
+    budgets.c.timezone,
+    budgets.c.period_start,
+    budgets.c.resets_at,
+)
 _select_agents = select(agents.c.agent_id).where(agents.c.agent_id.in_(_ids))
 _select_budgets = (
     select(
@@ -75,6 +86,7 @@ _select_budgets = (
         budgets.c.reserved_tokens,
         budgets.c.thresholds,
         budgets.c.ledger_seq,
+        *_period_columns,
     )
     .where(budgets.c.agent_id.in_(_ids))
     .order_by(budgets.c.agent_id)
@@ -91,6 +103,7 @@ _select_agents_budgets = (
         budgets.c.reserved_tokens,
         budgets.c.thresholds,
         budgets.c.ledger_seq,
+        *_period_columns,
     )
     .select_from(agents.outerjoin(budgets, budgets.c.agent_id == agents.c.agent_id))
     .where(agents.c.agent_id.in_(_ids))
@@ -149,12 +162,16 @@ async def load_states(
             states[agent_id].registered = True
             if budget_of is not None:
                 rows.append((agent_id, *balance))
-    for agent_id, allocated, used, reserved, thresholds, seq in rows:
+    for agent_id, allocated, used, reserved, thresholds, seq, *period in rows:
         state = states[agent_id]
         state.has_budget = True
         state.allocated, state.used, state.reserved = allocated, used, reserved
         state.thresholds = _thresholds_of(thresholds)
         state.seq = state.stored_seq = seq
+        kind, timezone, start, resets_at = period
+        if kind is not None:
+            state.period, state.timezone = Period(kind), timezone
+            state.period_start, state.resets_at = _utc(start), _utc(resets_at)
     return states
 
 
@@ -249,6 +266,10 @@ async def write(
                     "thresholds": _thresholds_text(state.thresholds),
                     "ledger_seq": state.seq,
                     "updated_at": now,
+                    "period": state.period,
+                    "timezone": state.timezone,
+                    "period_start": state.period_start,
+                    "resets_at": state.resets_at,
                 }
             )
         else:
@@ -260,6 +281,10 @@ async def write(
                     "b_used": state.used,
                     "b_reserved": state.reserved,
                     "b_thresholds": _thresholds_text(state.thresholds),
+                    "b_period": state.period,
+                    "b_timezone": state.timezone,
+                    "b_period_start": state.period_start,
+                    "b_resets_at": state.resets_at,
                     "b_seq": state.seq,
                     "b_now": now,
                 }

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from token_budget.schemas import Consistency, ErrorReply, encode_reply
 from token_budget.worker.domain.errors import BudgetError
 from token_budget.worker.domain.outcomes import Envelope, Fence, Outcome, OutcomeKind
+from token_budget.worker.domain.periods import roll
 from token_budget.worker.domain.rules import apply_rule
 from token_budget.worker.domain.state import RuleContext
 from token_budget.worker.errors import StorageUnavailable
@@ -34,7 +35,9 @@ class CommittedReader:
     Promises: never writes, never waits for a lane; each reply carries
     ``consistency: "committed"`` and ``as_of``, the moment just before the
     read, so it reflects every commit made before then (and perhaps later
-    ones). A hold past its deadline still counts until its lane expires it.
+    ones). A hold past its deadline still counts until its lane expires it;
+    a period that has ended shows as reset (its lane writes the reset with
+    the agent's next command: the clock, not a command, decides it).
     """
 
     def __init__(self, engine: AsyncEngine, *, clock: Callable[[], datetime] = _now) -> None:
@@ -59,6 +62,7 @@ class CommittedReader:
         outcomes = []
         for envelope in batch:
             state = states[envelope.command.agent_id]
+            roll(state, as_of)
             try:
                 reply, _ = apply_rule(state, envelope.command, RuleContext(now=as_of))
             except BudgetError as refusal:

@@ -59,6 +59,12 @@ budgets = Table(
     Column("reserved_tokens", BigInteger, nullable=False, server_default="0"),
     #: Comma-separated percents, ascending; NULL means the defaults (50,80,100).
     Column("thresholds", String(400), nullable=True),
+    #: The budget's period (``set_period``), NULL for none; usage goes back
+    #: to 0 at ``resets_at``, the end of the period that began at ``period_start``.
+    Column("period", String(8), nullable=True),
+    Column("timezone", String(64), nullable=True),
+    Column("period_start", DateTime(timezone=True), nullable=True),
+    Column("resets_at", DateTime(timezone=True), nullable=True),
     CheckConstraint("allocated_tokens >= 0", name="allocated_non_negative"),
     CheckConstraint("used_tokens >= 0", name="used_non_negative"),
     CheckConstraint("used_tokens <= allocated_tokens", name="used_within_allocated"),
@@ -87,8 +93,19 @@ ledger = Table(
     Column("reserved_after", BigInteger, nullable=False, server_default="0"),
     #: The hold a reserve, release, expire, settle or commit row is about.
     Column("reservation_id", String(64), nullable=True),
+    #: A reset row: the start of the period whose usage it sets back to 0.
+    Column("period_start", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("agent_id", "seq"),
     CheckConstraint("amount > 0", name="amount_positive"),
+    # A reset row's message_id names the period it opens: one per boundary.
+    Index(
+        "uq_ledger_reset",
+        "agent_id",
+        "message_id",
+        unique=True,
+        sqlite_where=text("kind = 'reset'"),
+        postgresql_where=text("kind = 'reset'"),
+    ),
 )
 
 #: Every hold, open or closed. Open ones are indexed by deadline (the

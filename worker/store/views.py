@@ -6,6 +6,7 @@ commands that only talk to the broker start fast.
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import event, select
@@ -14,7 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from token_budget.worker.errors import NoDatabase, ViewError
-from token_budget.worker.store.audit import Discrepancy, LedgerEntry, history, reconcile
+from token_budget.worker.store.audit import (
+    Discrepancy,
+    LedgerEntry,
+    PeriodUsage,
+    history,
+    period_usage,
+    reconcile,
+)
 from token_budget.worker.store.db import is_sqlite, sqlite_path
 from token_budget.worker.store.leases import PoolView, pool_view
 from token_budget.worker.store.tables import agents, budgets
@@ -24,6 +32,7 @@ __all__ = [
     "ViewError",
     "budgets_page",
     "ledger_of",
+    "periods_of",
     "pool",
     "read_only_engine",
     "reconciled",
@@ -67,13 +76,22 @@ async def budgets_page(url: str, limit: int) -> list[dict[str, Any]]:
             budgets.c.allocated_tokens,
             budgets.c.used_tokens,
             budgets.c.reserved_tokens,
+            budgets.c.period,
+            budgets.c.timezone,
+            budgets.c.period_start,
+            budgets.c.resets_at,
         )
         .select_from(agents.outerjoin(budgets))
         .order_by(agents.c.agent_id)
         .limit(limit)
     )
     async with read_only_engine(url) as engine, engine.connect() as conn:
-        return [dict(row) for row in (await conn.execute(query)).mappings()]
+        rows = [dict(row) for row in (await conn.execute(query)).mappings()]
+    for row in rows:
+        for name in ("period_start", "resets_at"):
+            if row[name] is not None and row[name].tzinfo is None:
+                row[name] = row[name].replace(tzinfo=UTC)  # SQLite: naive, stored as UTC
+    return rows
 
 
 async def ledger_of(url: str, agent_id: str, limit: int | None) -> list[LedgerEntry] | None:
@@ -84,6 +102,25 @@ async def ledger_of(url: str, agent_id: str, limit: int | None) -> list[LedgerEn
             if (await conn.execute(query)).first() is None:
                 return None
         return await history(engine, agent_id, limit=limit)
+
+
+async def periods_of(url: str, agent_id: str) -> tuple[list[PeriodUsage], str | None] | None:
+    """The agent's usage per period and its time zone; None if not registered."""
+    query = (
+        select(agents.c.agent_id, budgets.c.period_start, budgets.c.timezone)
+        .select_from(agents.outerjoin(budgets))
+        .where(agents.c.agent_id == agent_id)
+    )
+    async with read_only_engine(url) as engine:
+        async with engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        entries = await history(engine, agent_id)
+    _, start, timezone = row
+    if start is not None and start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)  # SQLite: naive, stored as UTC
+    return period_usage(entries, start), timezone
 
 
 async def reconciled(url: str) -> list[Discrepancy]:

@@ -26,8 +26,10 @@ from token_budget.schemas import (
     Command,
     Commit,
     OkReply,
+    Period,
     Release,
     Reserve,
+    SetPeriod,
     SetThresholds,
 )
 
@@ -63,7 +65,7 @@ class Reservation:
 
 
 class ReservationCommands:
-    """The reservation and threshold commands of ``BudgetClient``."""
+    """The reservation, threshold and period commands of ``BudgetClient``."""
 
     #: Attempts per command of ``reservation()`` when no reply comes in time.
     reservation_attempts = 3
@@ -117,6 +119,25 @@ class ReservationCommands:
         """Replace the budget's usage thresholds (percent; empty: no events)."""
         command = SetThresholds(
             type="set_thresholds", agent_id=agent_id, thresholds=tuple(thresholds)
+        )
+        return (await self.request(command, message_id=message_id)).view()
+
+    async def set_period(
+        self,
+        agent_id: str,
+        period: Period | str | None,
+        *,
+        timezone: str = "UTC",
+        message_id: str | None = None,
+    ) -> BudgetView:
+        """Reset the budget's usage at every ``period`` boundary in ``timezone``
+        (an IANA name), from the next boundary on; ``None`` removes the period.
+
+        The view says when: ``period_start`` and ``resets_at``.
+        """
+        command = SetPeriod.model_validate(
+            {"type": "set_period", "agent_id": agent_id, "period": period, "timezone": timezone},
+            strict=False,
         )
         return (await self.request(command, message_id=message_id)).view()
 

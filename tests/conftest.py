@@ -152,7 +152,7 @@ def worker_process(
     """Start real ``python -m token_budget.worker`` processes; all are stopped at the end."""
     started: list[WorkerProcess] = []
 
-    def start(**overrides: object) -> WorkerProcess:
+    def start(module: str = "token_budget.worker", **overrides: object) -> WorkerProcess:
         settings: dict[str, object] = {
             "amqp_url": amqp_url,
             "database_url": database_url,
@@ -160,7 +160,8 @@ def worker_process(
             "retry_max_seconds": 1.0,
             **overrides,
         }
-        process = WorkerProcess(tmp_path / f"worker-{len(started)}.log", **settings).start()
+        log = tmp_path / f"worker-{len(started)}.log"
+        process = WorkerProcess(log, module=module, **settings).start()
         started.append(process)
         return process
 

@@ -18,8 +18,11 @@ _ROOT = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """``python -m token_budget.worker`` with JSON logs in a file the test can read."""
 
-    def __init__(self, log_path: Path, **settings: Any) -> None:
+    def __init__(
+        self, log_path: Path, *, module: str = "token_budget.worker", **settings: Any
+    ) -> None:
         self.log_path = log_path
+        self.module = module
         self.env = {
             **os.environ,
             "BUDGET_LOG_FORMAT": "json",
@@ -33,7 +36,7 @@ class WorkerProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "token_budget.worker"],
+            [sys.executable, "-m", self.module],
             env=self.env,
             cwd=_ROOT,
             stdout=log,

@@ -22,7 +22,7 @@ def readme_python_blocks() -> list[str]:
 
 def test_every_python_block_in_the_readme_is_an_example_file_verbatim() -> None:
     files = {path.name: path.read_text() for path in EXAMPLES}
-    assert len(files) == 2, files.keys()
+    assert len(files) == 3, files.keys()
     blocks = readme_python_blocks()
     assert sorted(blocks) == sorted(files.values()), (
         "README.md's ```python blocks must be docs/examples/sdk_*.py, verbatim"
@@ -55,6 +55,7 @@ async def run_example(path: Path, amqp_url: str) -> tuple[int, str, str]:
         ),
         # 400 tokens reported, then a hold of 2000 never reported: charged whole.
         ("sdk_reservation.py", "agent-8: used 2400, 97600 available\n"),
+        ("sdk_periods.py", "agent-9: 50000 available until 00:00\n"),
     ],
 )
 async def test_the_readme_example_runs_as_written(

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -255,3 +255,15 @@ async def test_a_committed_query_shows_an_ended_period_as_reset(
     [outcome] = await CommittedReader(engine, clock=clock).apply([env(committed)])
     assert ok(outcome).used_tokens == 0
     assert [k for k in await kinds(engine) if k[0] == "reset"] == []  # it only reads
+
+
+async def test_reconcile_names_a_reset_that_does_not_set_back_the_whole_usage(
+    engine: AsyncEngine, service: BudgetService, clock: Clock
+) -> None:
+    await service.apply([env(period("minute")), env(consume(40))])
+    clock.advance(minutes=1)
+    await service.apply([env(budget())])
+    async with engine.begin() as conn:
+        await conn.execute(update(ledger).where(ledger.c.kind == "reset").values(amount=30))
+    found = [d.check for d in await reconcile(engine)]
+    assert "ledger row 3 resets the usage before it" in found

@@ -293,7 +293,7 @@ def _period_lines(periods: list[Any], timezone: str | None, *, as_json: bool) ->
                 json.dumps({"period_start": shown, "used": usage.used, "closed": usage.closed})
             )
             continue
-        label = "before any period" if start is None else f"from {start.isoformat()}"
+        label = "without a period" if start is None else f"from {start.isoformat()}"
         state = "" if usage.closed else " (current)"
         lines.append(f"{label}: used={usage.used}{state}")
     return lines

@@ -255,11 +255,12 @@ class BudgetClient(ReservationCommands):
     ) -> None:
         await self._ready()
         assert self._exchange is not None and self._channel is not None
-        exchange, routing_key = self._exchange, command.agent_id
+        exchange, routing_key = self._exchange, command.key
         if is_committed_query(command):
             exchange, routing_key = self._channel.default_exchange, QUERIES_QUEUE
         message = aio_pika.Message(
-            command.model_dump_json().encode(),
+            # Defaults left out: a worker of an older contract knows no new field.
+            command.model_dump_json(exclude_defaults=True).encode(),
             content_type=CONTENT_TYPE,
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=message_id,
@@ -267,7 +268,7 @@ class BudgetClient(ReservationCommands):
             reply_to=self._reply_to if correlation_id is not None else None,
             user_id=self.user_id,
         )
-        what = f"{command.command_type.value} for {command.agent_id!r} (message_id {message_id})"
+        what = f"{command.command_type.value} for {command.key!r} (message_id {message_id})"
         try:
             await exchange.publish(message, routing_key=routing_key, mandatory=True)
         except aiormq.exceptions.PublishError:

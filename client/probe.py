@@ -49,7 +49,7 @@ async def timeout_error(
     A query changed nothing, so only a state change may or may not have been
     applied; and with no worker on the lanes, nobody was there to answer.
     """
-    what = f"no reply to {command.command_type.value} for {command.agent_id!r} within {limit}s"
+    what = f"no reply to {command.command_type.value} for {command.key!r} within {limit}s"
     consumers = None
     if is_open(connection):
         assert connection is not None

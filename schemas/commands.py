@@ -6,7 +6,7 @@ a producer never passes silently.
 """
 
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal, TypeAlias
+from typing import Annotated, ClassVar, Literal, Self, TypeAlias
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    model_validator,
 )
 
 from .limits import (
@@ -41,11 +42,14 @@ __all__ = [
     "ExpireReservations",
     "GetAvailable",
     "GetBudget",
+    "GroupId",
     "Period",
     "RegisterAgent",
+    "RegisterGroup",
     "Release",
     "ReservationId",
     "Reserve",
+    "SetGroup",
     "SetPeriod",
     "SetThresholds",
     "Thresholds",
@@ -70,6 +74,8 @@ class CommandType(StrEnum):
     RELEASE = "release"
     SET_THRESHOLDS = "set_thresholds"
     SET_PERIOD = "set_period"
+    REGISTER_GROUP = "register_group"
+    SET_GROUP = "set_group"
     #: Internal: published by the workers' sweeper (docs/protocol.md, §4).
     EXPIRE_RESERVATIONS = "expire_reservations"
 
@@ -126,6 +132,9 @@ AgentId: TypeAlias = Annotated[
         strict=True, min_length=1, max_length=AGENT_ID_MAX_LENGTH, pattern=AGENT_ID_PATTERN
     ),
 ]
+#: Group ids follow the agent id rules, and share their namespace: no group
+#: has an agent's id.
+GroupId: TypeAlias = AgentId
 Tokens: TypeAlias = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
 #: What a ``commit`` reports as really used: 0 means the hold was not needed.
 UsedTokens: TypeAlias = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)]
@@ -157,40 +166,103 @@ class _Command(BaseModel):
     #: True for commands only the workers send (``expire_reservations``).
     internal: ClassVar[bool] = False
 
-    agent_id: AgentId
-
     @property
     def command_type(self) -> CommandType:
         return CommandType(getattr(self, "type"))  # noqa: B009 - declared by subclasses
 
+    @property
+    def key(self) -> str:
+        """The id the command is about: its routing key and its lane."""
+        raise NotImplementedError
 
-class RegisterAgent(_Command):
+    @property
+    def for_group(self) -> bool:
+        """True when the command is about a group, not an agent."""
+        return False
+
+
+class _AgentCommand(_Command):
+    # Declared first, so that a command's JSON (its fingerprint) starts with it.
+    agent_id: AgentId
+
+    @property
+    def key(self) -> str:
+        return self.agent_id
+
+
+class _Targeted(_Command):
+    """A command about an agent or a group: exactly one of the two ids."""
+
+    agent_id: AgentId | None = None
+    group_id: GroupId | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.agent_id is None) == (self.group_id is None):
+            raise ValueError("give exactly one of agent_id and group_id")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.group_id if self.group_id is not None else str(self.agent_id)
+
+    @property
+    def for_group(self) -> bool:
+        return self.group_id is not None
+
+
+class RegisterAgent(_AgentCommand):
     type: Literal["register_agent"]
+    #: The agent's group (``register_group``); it is charged with the agent.
+    group_id: GroupId | None = None
 
 
-class Allocate(_Command):
+class RegisterGroup(_Command):
+    """Create a group under ``parent_id`` (none: a root) if it is new."""
+
+    group_id: GroupId
+    type: Literal["register_group"]
+    parent_id: GroupId | None = None
+
+    @property
+    def key(self) -> str:
+        return self.group_id
+
+    @property
+    def for_group(self) -> bool:
+        return True
+
+
+class SetGroup(_AgentCommand):
+    """Move the agent to ``group_id`` (null: out of every group) from now on."""
+
+    type: Literal["set_group"]
+    group_id: GroupId | None
+
+
+class Allocate(_Targeted):
     type: Literal["allocate"]
     tokens: Tokens
 
 
-class Consume(_Command):
+class Consume(_AgentCommand):
     type: Literal["consume"]
     tokens: Tokens
 
 
-class GetBudget(_Command):
+class GetBudget(_Targeted):
     changes_state: ClassVar[bool] = False
     type: Literal["get_budget"]
     consistency: Consistency | None = None
 
 
-class GetAvailable(_Command):
+class GetAvailable(_Targeted):
     changes_state: ClassVar[bool] = False
     type: Literal["get_available"]
     consistency: Consistency | None = None
 
 
-class Reserve(_Command):
+class Reserve(_AgentCommand):
     """Hold ``tokens`` for a call whose cost is not known yet."""
 
     type: Literal["reserve"]
@@ -199,7 +271,7 @@ class Reserve(_Command):
     ttl_seconds: TtlSeconds | None = None
 
 
-class Commit(_Command):
+class Commit(_AgentCommand):
     """Settle a hold: ``tokens`` were really used, the rest of the hold is freed."""
 
     type: Literal["commit"]
@@ -207,21 +279,21 @@ class Commit(_Command):
     tokens: UsedTokens
 
 
-class Release(_Command):
+class Release(_AgentCommand):
     """Free a hold unused."""
 
     type: Literal["release"]
     reservation_id: ReservationId
 
 
-class SetThresholds(_Command):
+class SetThresholds(_Targeted):
     """Replace the budget's usage thresholds, in percent of allocated tokens."""
 
     type: Literal["set_thresholds"]
     thresholds: Thresholds
 
 
-class SetPeriod(_Command):
+class SetPeriod(_Targeted):
     """Reset the budget's usage at every ``period`` boundary in ``timezone``
     from the next one on; ``period: null`` removes the period."""
 
@@ -230,7 +302,7 @@ class SetPeriod(_Command):
     timezone: TimeZone = "UTC"
 
 
-class ExpireReservations(_Command):
+class ExpireReservations(_AgentCommand):
     """Expire the agent's overdue holds now, in order with its other commands.
 
     Sent by the workers' sweeper, not by agents. Not recorded: expiring twice
@@ -244,6 +316,8 @@ class ExpireReservations(_Command):
 
 Command: TypeAlias = Annotated[
     RegisterAgent
+    | RegisterGroup
+    | SetGroup
     | Allocate
     | Consume
     | GetBudget

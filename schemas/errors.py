@@ -28,3 +28,7 @@ class ErrorCode(StrEnum):
     #: lane directly, or the lanes' bindings changed): dead-lettered, never
     #: applied out of the agent's order.
     WRONG_LANE = "wrong_lane"
+    #: A group id nobody registered (``register_group``).
+    GROUP_NOT_FOUND = "group_not_found"
+    #: ``set_group`` of an agent with open holds: commit or release them first.
+    HOLDS_OPEN = "holds_open"

@@ -38,3 +38,6 @@ class ThresholdCrossedEvent(BaseModel):
     ledger_seq: int
     #: When the usage was applied (not when published): the same in every copy.
     occurred_at: datetime
+    #: Set for a group's threshold: the budget fields are the group's, and
+    #: ``agent_id``, ``message_id``, ``ledger_seq`` name the member's usage.
+    group_id: AgentId | None = None

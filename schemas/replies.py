@@ -48,7 +48,9 @@ class BudgetView(_Wire):
     ``available_tokens = allocated_tokens - used_tokens - reserved_tokens``.
     """
 
-    agent_id: AgentId
+    #: Whose budget: an agent's, or with ``group_id`` a group's (then absent).
+    agent_id: AgentId | None = None
+    group_id: AgentId | None = None
     allocated_tokens: int | None
     used_tokens: int | None
     #: Held by open reservations: neither used nor available.
@@ -84,7 +86,9 @@ class OkReply(_Wire):
     ``reserve`` also names the reservation and when it expires."""
 
     ok: Literal[True] = True
-    agent_id: AgentId
+    agent_id: AgentId | None = None
+    #: Set instead of ``agent_id`` in the reply about a group's budget.
+    group_id: AgentId | None = None
     allocated_tokens: int | None
     used_tokens: int | None
     reserved_tokens: int | None = None
@@ -126,6 +130,9 @@ class ErrorBody(_Wire):
     available_tokens: int | None = None
     #: invalid_command: each problem found in the message.
     errors: list[ValidationIssue] | None = None
+    #: insufficient_budget for an agent in a group: the id of the first level,
+    #: from the agent upward, that lacked room (the agent's, or a group's).
+    limited_by: str | None = None
 
 
 class ErrorReply(_Wire):
@@ -143,7 +150,7 @@ def encode_reply(reply: Reply) -> bytes:
     fields are left out, not sent as null."""
     if isinstance(reply, ErrorReply):
         return reply.model_dump_json(exclude_none=True).encode()
-    absent: set[str] = set()
+    absent: set[str] = {"group_id"} if reply.group_id is None else {"agent_id"}
     if reply.reservation_id is None:
         absent |= RESERVATION_FIELDS
     if reply.consistency is None:

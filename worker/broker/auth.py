@@ -75,11 +75,16 @@ def authorize(command: Command, sender: str | None, policy: AuthPolicy) -> Error
         return _refusal(
             f"user {sender!r} may not {kind.value}: only the workers and admin users may"
         )
-    if kind in AGENT_OWN and sender == command.agent_id:
+    if kind in AGENT_OWN and command.for_group:
+        return _refusal(
+            f"user {sender!r} may not {kind.value} for group {command.key!r}: "
+            "only admin users may act on a group's budget"
+        )
+    if kind in AGENT_OWN and sender == command.key:
         return None
     if kind in AGENT_OWN:
         return _refusal(
-            f"user {sender!r} may not {kind.value} for agent {command.agent_id!r}: "
+            f"user {sender!r} may not {kind.value} for agent {command.key!r}: "
             "an agent's user may act only on its own budget"
         )
     return _refusal(f"user {sender!r} may not {kind.value}: only admin users may")

@@ -37,11 +37,11 @@ def log_batch(
                 outcome = f"{kind}:{result.reply.error.code}"
         counts[kind] = counts.get(kind, 0) + 1
         if isinstance(item, Envelope):
-            agents.add(item.command.agent_id)
+            agents.add(item.command.key)
         if log_ops and isinstance(item, Envelope):
             command = item.command
             tokens = getattr(command, "tokens", None)
-            ops.append((item.message_id, command.agent_id, command.type, tokens, outcome))
+            ops.append((item.message_id, command.key, command.type, tokens, outcome))
     summary: dict[str, Any] = {
         "size": len(batch),
         "agents": len(agents),

@@ -54,8 +54,9 @@ def decode(
     if message_id and not message_id.isprintable():
         # Control characters (NUL above all) are not storable everywhere.
         return Invalid("message_id must not contain control characters")
-    if routed_by_agent and routing_key != command.agent_id:
+    if routed_by_agent and routing_key != command.key:
         # Another routing key would put the agent's commands on another lane,
         # out of order with the rest of them.
-        return Invalid(f"routing key {routing_key!r} must equal agent_id {command.agent_id!r}")
+        field = "group_id" if command.for_group else "agent_id"
+        return Invalid(f"routing key {routing_key!r} must equal {field} {command.key!r}")
     return Envelope(command=command, message_id=message_id or None)

@@ -368,19 +368,19 @@ class Lane:
             )
         lanes = self._config.lanes
         if isinstance(item, Envelope) and lanes is not None and self._draining is None:
-            home = lanes.index_of(item.command.agent_id)
+            home = lanes.index_of(item.command.key)
             if home != self.index:
                 # Applying it here could overtake the agent's commands queued
                 # on its own lane: never out of order, so never applied.
                 self.misrouted += 1
                 self._log.warning(
                     "command_misrouted",
-                    agent=item.command.agent_id,
+                    agent=item.command.key,
                     message_id=clean_text(message.message_id),
                     home_lane=home,
                 )
                 return Invalid(
-                    f"agent {item.command.agent_id!r} belongs to lane {home}, not lane "
+                    f"agent {item.command.key!r} belongs to lane {home}, not lane "
                     f"{self.index}: publish to budget.commands, never to a lane queue",
                     code=ErrorCode.WRONG_LANE,
                 )
@@ -396,7 +396,7 @@ class Lane:
             "command_unauthorized",
             message_id=clean_text(message.message_id),
             user_id=clean_text(message.user_id),
-            agent=item.command.agent_id,
+            agent=item.command.key,
             type=item.command.command_type.value,
         )
         return unauthorized_outcome(error)

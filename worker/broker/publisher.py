@@ -95,7 +95,7 @@ class Publisher:
         self, command: Command, message_id: str | None, error: ErrorReply
     ) -> Awaitable[Any]:
         event = RefusedEvent(
-            agent_id=command.agent_id,
+            agent_id=command.key,
             command_type=command.command_type,
             message_id=message_id,
             tokens=getattr(command, "tokens", None),

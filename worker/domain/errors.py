@@ -8,6 +8,8 @@ __all__ = [
     "BudgetError",
     "BudgetNotFound",
     "Conflict",
+    "GroupNotFound",
+    "HoldsOpen",
     "InsufficientBudget",
     "InvalidCommand",
     "ReservationClosed",
@@ -49,10 +51,22 @@ class BudgetNotFound(BudgetError):
 class InsufficientBudget(BudgetError):
     code = ErrorCode.INSUFFICIENT_BUDGET
 
-    def __init__(self, agent_id: str, requested: int, available: int) -> None:
-        super().__init__(f"agent {agent_id!r} asked for {requested} tokens, {available} available")
+    def __init__(
+        self,
+        agent_id: str,
+        requested: int,
+        available: int,
+        *,
+        limited_by: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        super().__init__(
+            message or f"agent {agent_id!r} asked for {requested} tokens, {available} available"
+        )
         self.requested = requested
         self.available = available
+        #: Set for an agent in a group: the level that lacked room.
+        self.limited_by = limited_by
 
     def to_body(self) -> ErrorBody:
         return ErrorBody(
@@ -60,6 +74,24 @@ class InsufficientBudget(BudgetError):
             message=self.message,
             requested_tokens=self.requested,
             available_tokens=self.available,
+            limited_by=self.limited_by,
+        )
+
+
+class GroupNotFound(BudgetError):
+    code = ErrorCode.GROUP_NOT_FOUND
+
+    def __init__(self, group_id: str) -> None:
+        super().__init__(f"group {group_id!r} is not registered: register_group first")
+
+
+class HoldsOpen(BudgetError):
+    code = ErrorCode.HOLDS_OPEN
+
+    def __init__(self, agent_id: str, reserved: int) -> None:
+        super().__init__(
+            f"agent {agent_id!r} holds {reserved} tokens in open reservations: "
+            "commit or release them before moving it to another group"
         )
 
 
@@ -72,6 +104,13 @@ class Conflict(BudgetError):
 
     def __init__(self, message_id: str) -> None:
         super().__init__(f"message_id {message_id!r} was already used for a different command")
+
+    @classmethod
+    def of_id(cls, some_id: str, taken_as: str) -> "Conflict":
+        """An id already taken otherwise (agents and groups share one namespace)."""
+        conflict = cls.__new__(cls)
+        BudgetError.__init__(conflict, f"id {some_id!r} is already {taken_as} id")
+        return conflict
 
 
 class ReservationNotFound(BudgetError):

@@ -128,6 +128,9 @@ class AgentState:
     period_start: datetime | None = None
     resets_at: datetime | None = None
     period_changed: bool = False
+    #: The agent's group (None: in no group); written to ``agents`` when changed.
+    group_id: str | None = None
+    group_changed: bool = False
 
     @property
     def available(self) -> int:

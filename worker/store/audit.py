@@ -12,7 +12,16 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from token_budget.worker.store.tables import budgets, ledger, processed_commands, reservations
+from token_budget.worker.domain.groups import EFFECTS
+from token_budget.worker.store.tables import (
+    budgets,
+    group_ledger,
+    group_paths,
+    groups,
+    ledger,
+    processed_commands,
+    reservations,
+)
 
 __all__ = [
     "COMMAND_KINDS",
@@ -28,16 +37,7 @@ __all__ = [
 #: How each kind of ledger row moves a balance: (allocated, used, reserved) per
 #: token of its amount. A commit writes two rows: ``settle`` ends the hold
 #: (its full amount), ``commit`` adds what was really used (if anything).
-KIND_EFFECTS: dict[str, tuple[int, int, int]] = {
-    "allocate": (1, 0, 0),
-    "consume": (0, 1, 0),
-    "reserve": (0, 0, 1),
-    "release": (0, 0, -1),
-    "expire": (0, 0, -1),
-    "settle": (0, 0, -1),
-    "commit": (0, 1, 0),
-    "reset": (0, -1, 0),
-}
+KIND_EFFECTS = EFFECTS
 #: Kinds written by a recorded command. ``expire`` and ``reset`` rows are the
 #: worker's own (message_ids ``expire:<reservation_id>``, ``reset:<period
 #: start>``): an expiry is checked against its reservation, a reset against
@@ -143,13 +143,85 @@ def period_usage(entries: list[LedgerEntry], current_start: datetime | None) -> 
     return found
 
 
-def _sum_effect(column: int) -> ColumnElement[Any]:
+def _sum_effect(column: int, *, skip: frozenset[str] = frozenset()) -> ColumnElement[Any]:
     whens = [
         (ledger.c.kind == kind, ledger.c.amount * effect[column])
         for kind, effect in KIND_EFFECTS.items()
-        if effect[column]
+        if effect[column] and kind not in skip
     ]
     return func.coalesce(func.sum(case(*whens, else_=literal(0))), 0)
+
+
+async def _group_discrepancies(conn: Any) -> list[Discrepancy]:
+    """Each group's balance against its members' ledger rows and its own.
+
+    ``used`` = the members' usage (sub-groups' included) less the group's
+    resets; ``reserved`` = the members' holds; ``allocated`` = its allocations.
+    An agent's own resets do not move its groups.
+    """
+    members = (
+        select(
+            group_paths.c.ancestor_id.label("group_id"),
+            _sum_effect(1, skip=frozenset({"reset"})).label("used"),
+            _sum_effect(2).label("reserved"),
+        )
+        .select_from(ledger.join(group_paths, group_paths.c.descendant_id == ledger.c.group_id))
+        .group_by(group_paths.c.ancestor_id)
+        .subquery()
+    )
+
+    def own(kind: str) -> ColumnElement[Any]:
+        amount = case((group_ledger.c.kind == kind, group_ledger.c.amount), else_=literal(0))
+        return func.coalesce(func.sum(amount), 0)
+
+    books = (
+        select(
+            group_ledger.c.group_id,
+            own("allocate").label("allocated"),
+            own("reset").label("reset"),
+            func.count().label("rows"),
+            func.max(group_ledger.c.seq).label("last"),
+        )
+        .group_by(group_ledger.c.group_id)
+        .subquery()
+    )
+    query = (
+        select(
+            groups.c.group_id,
+            groups.c.allocated_tokens,
+            groups.c.used_tokens,
+            groups.c.reserved_tokens,
+            groups.c.ledger_seq,
+            func.coalesce(members.c.used, 0),
+            func.coalesce(members.c.reserved, 0),
+            func.coalesce(books.c.allocated, 0),
+            func.coalesce(books.c.reset, 0),
+            func.coalesce(books.c.rows, 0),
+            func.coalesce(books.c.last, 0),
+        )
+        .select_from(
+            groups.outerjoin(members, members.c.group_id == groups.c.group_id).outerjoin(
+                books, books.c.group_id == groups.c.group_id
+            )
+        )
+        .order_by(groups.c.group_id)
+    )
+    found: list[Discrepancy] = []
+    for row in await conn.execute(query):
+        gid, alloc, used, reserved, seq, m_used, m_reserved, b_alloc, b_reset, count, top = row
+        checks = [
+            ("group allocated_tokens = sum of its allocations", b_alloc, alloc or 0),
+            ("group used_tokens = members' usage - resets", m_used - b_reset, used),
+            ("group reserved_tokens = members' holds", m_reserved, reserved),
+            ("group ledger_seq = last group ledger row", top, seq),
+            ("group ledger rows numbered 1..n", top, count),
+        ]
+        found.extend(Discrepancy(gid, c, e, a) for c, e, a in checks if e != a)
+        if alloc is not None and used + reserved > alloc:
+            found.append(
+                Discrepancy(gid, "group used + reserved <= allocated", alloc, used + reserved)
+            )
+    return found
 
 
 async def reconcile(engine: AsyncEngine) -> list[Discrepancy]:
@@ -276,6 +348,7 @@ async def reconcile(engine: AsyncEngine) -> list[Discrepancy]:
         .order_by(ledger.c.agent_id, ledger.c.seq)
     )
     async with engine.connect() as conn:
+        found.extend(await _group_discrepancies(conn))
         for agent, seq, used_before, amount in await conn.execute(partial_resets):
             check = f"ledger row {seq} resets the usage before it"
             found.append(Discrepancy(agent, check, used_before, amount))

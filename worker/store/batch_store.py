@@ -70,6 +70,12 @@ _close_hold = (
 )
 
 
+_move_agent = (
+    update(agents)
+    .where(agents.c.agent_id == bindparam("m_agent_id"))
+    .values(group_id=bindparam("m_group_id"))
+)
+
 _ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
 _period_columns = (
     budgets.c.period,
@@ -77,7 +83,7 @@ _period_columns = (
     budgets.c.period_start,
     budgets.c.resets_at,
 )
-_select_agents = select(agents.c.agent_id).where(agents.c.agent_id.in_(_ids))
+_select_agents = select(agents.c.agent_id, agents.c.group_id).where(agents.c.agent_id.in_(_ids))
 _select_budgets = (
     select(
         budgets.c.agent_id,
@@ -97,6 +103,7 @@ _select_budgets_locked = _select_budgets.with_for_update()
 _select_agents_budgets = (
     select(
         agents.c.agent_id,
+        agents.c.group_id,
         budgets.c.agent_id,
         budgets.c.allocated_tokens,
         budgets.c.used_tokens,
@@ -149,17 +156,19 @@ async def load_states(
     states = {agent_id: AgentState(agent_id) for agent_id in agent_ids}
     if lock_rows:
         registered = await conn.execute(_select_agents, {"ids": agent_ids})
-        for (agent_id,) in registered:
+        for agent_id, group_id in registered:
             states[agent_id].registered = True
+            states[agent_id].group_id = group_id
         rows: list[tuple[Any, ...]] = [
             tuple(row) for row in await conn.execute(_select_budgets_locked, {"ids": agent_ids})
         ]
     else:
         rows = []
-        for agent_id, budget_of, *balance in await conn.execute(
+        for agent_id, group_id, budget_of, *balance in await conn.execute(
             _select_agents_budgets, {"ids": agent_ids}
         ):
             states[agent_id].registered = True
+            states[agent_id].group_id = group_id
             if budget_of is not None:
                 rows.append((agent_id, *balance))
     for agent_id, allocated, used, reserved, thresholds, seq, *period in rows:
@@ -234,13 +243,18 @@ async def write(
     """Write what changed: agents, budgets (compare-and-set), holds, and
     ``rows`` (ledger, processed commands, outbox)."""
     new_agents = []
+    moved: list[dict[str, Any]] = []
     new_budgets: list[dict[str, Any]] = []
     changed: list[dict[str, Any]] = []
     new_holds: list[dict[str, Any]] = []
     closed_holds: list[dict[str, Any]] = []
     for state in states:
         if state.new_agent:
-            new_agents.append({"agent_id": state.agent_id, "created_at": now})
+            new_agents.append(
+                {"agent_id": state.agent_id, "created_at": now, "group_id": state.group_id}
+            )
+        elif state.group_changed:
+            moved.append({"m_agent_id": state.agent_id, "m_group_id": state.group_id})
         for hold in state.holds.values():
             if hold.stored_status is None:
                 new_holds.append(_hold_row(hold))
@@ -291,6 +305,8 @@ async def write(
             )
     if new_agents:
         await conn.execute(_inserts["agents"], new_agents)
+    if moved:
+        await conn.execute(_move_agent, moved)
     if new_budgets:
         await conn.execute(_inserts["budgets"], new_budgets)
     if changed:

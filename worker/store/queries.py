@@ -47,7 +47,7 @@ class CommittedReader:
     async def apply(self, batch: Sequence[Envelope], fence: Fence | None = None) -> list[Outcome]:
         if not batch:
             return []
-        agent_ids = sorted({envelope.command.agent_id for envelope in batch})
+        agent_ids = sorted({envelope.command.key for envelope in batch})
         as_of = self._clock()
         try:
             async with self._engine.connect() as conn:
@@ -61,7 +61,7 @@ class CommittedReader:
             raise StorageUnavailable(str(error)) from error
         outcomes = []
         for envelope in batch:
-            state = states[envelope.command.agent_id]
+            state = states[envelope.command.key]
             roll(state, as_of)
             try:
                 reply, _ = apply_rule(state, envelope.command, RuleContext(now=as_of))

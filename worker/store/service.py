@@ -166,7 +166,7 @@ class BudgetService:
             )
             for index in unchecked:
                 batch, fence = requests[index]
-                touched = {e.command.agent_id for e in batch} & applied.written
+                touched = {e.command.key for e in batch} & applied.written
                 if touched and fence is not None and not await fence_holds(conn, fence):
                     raise _Recheck()
         if applied.events and self._on_events is not None:

@@ -20,6 +20,9 @@ from sqlalchemy import (
 __all__ = [
     "agents",
     "budgets",
+    "group_ledger",
+    "group_paths",
+    "groups",
     "ledger",
     "metadata",
     "outbox",
@@ -45,6 +48,80 @@ agents = Table(
     metadata,
     Column("agent_id", String(128), primary_key=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    #: The agent's group, charged with it (NULL: in no group).
+    Column("group_id", String(128), ForeignKey("groups.group_id"), nullable=True),
+    Index("ix_agents_group_id", "group_id"),
+)
+
+#: Groups of agents (org → team → …). Usage is the sum of the members'
+#: ledger effects since the group's last reset; NULL allocation: no limit.
+groups = Table(
+    "groups",
+    metadata,
+    Column("group_id", String(128), primary_key=True),
+    Column("parent_id", String(128), ForeignKey("groups.group_id"), nullable=True),
+    #: Levels from this group up to its root, itself included (1 for a root).
+    Column("depth", Integer, nullable=False),
+    Column("allocated_tokens", BigInteger, nullable=True),
+    Column("used_tokens", BigInteger, nullable=False),
+    Column("reserved_tokens", BigInteger, nullable=False),
+    Column("thresholds", String(400), nullable=True),
+    Column("period", String(8), nullable=True),
+    Column("timezone", String(64), nullable=True),
+    Column("period_start", DateTime(timezone=True), nullable=True),
+    Column("resets_at", DateTime(timezone=True), nullable=True),
+    #: Last row of the group's own ledger (allocations and resets).
+    Column("ledger_seq", BigInteger, nullable=False),
+    #: Bumped by every write: the compare-and-set of a batch's update.
+    Column("version", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("allocated_tokens IS NULL OR allocated_tokens >= 0", name="allocated_ok"),
+    CheckConstraint("used_tokens >= 0", name="used_non_negative"),
+    CheckConstraint("reserved_tokens >= 0", name="reserved_non_negative"),
+    CheckConstraint(
+        "allocated_tokens IS NULL OR used_tokens + reserved_tokens <= allocated_tokens",
+        name="held_within_allocated",
+    ),
+)
+
+#: Every (ancestor, descendant) pair of groups, each group with itself at
+#: depth 0: a member's whole chain in one indexed read.
+group_paths = Table(
+    "group_paths",
+    metadata,
+    Column("ancestor_id", String(128), ForeignKey("groups.group_id"), nullable=False),
+    Column("descendant_id", String(128), ForeignKey("groups.group_id"), nullable=False),
+    Column("depth", Integer, nullable=False),
+    PrimaryKeyConstraint("descendant_id", "ancestor_id"),
+    Index("ix_group_paths_ancestor_id", "ancestor_id"),
+)
+
+#: A group's own changes: allocations and period resets (its members'
+#: charges are their ledger rows, which name the group).
+group_ledger = Table(
+    "group_ledger",
+    metadata,
+    Column("group_id", String(128), ForeignKey("groups.group_id"), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("allocated_after", BigInteger, nullable=False),
+    Column("used_after", BigInteger, nullable=False),
+    Column("reserved_after", BigInteger, nullable=False),
+    Column("message_id", String(255), nullable=False),
+    Column("period_start", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("group_id", "seq"),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    Index(
+        "uq_group_ledger_reset",
+        "group_id",
+        "message_id",
+        unique=True,
+        sqlite_where=text("kind = 'reset'"),
+        postgresql_where=text("kind = 'reset'"),
+    ),
 )
 
 budgets = Table(
@@ -95,6 +172,8 @@ ledger = Table(
     Column("reservation_id", String(64), nullable=True),
     #: A reset row: the start of the period whose usage it sets back to 0.
     Column("period_start", DateTime(timezone=True), nullable=True),
+    #: The agent's group when the row was applied: the groups it charged.
+    Column("group_id", String(128), nullable=True),
     PrimaryKeyConstraint("agent_id", "seq"),
     CheckConstraint("amount > 0", name="amount_positive"),
     # A reset row's message_id names the period it opens: one per boundary.

@@ -23,8 +23,10 @@ from .commands import (
     GetAvailable,
     GetBudget,
     RegisterAgent,
+    RegisterGroup,
     Release,
     Reserve,
+    SetGroup,
     SetPeriod,
     SetThresholds,
 )
@@ -41,14 +43,30 @@ __all__ = ["CONTRACT_VERSION", "DEFAULT_PATH", "build", "main", "render"]
 #: adds committed queries (the queue budget.queries, the query field
 #: consistency, the reply fields consistency and as_of); 1.4 adds budget
 #: periods (the command set_period, the reply fields period, timezone,
-#: period_start and resets_at).
-CONTRACT_VERSION: Final = "1.4.0"
+#: period_start and resets_at); 1.5 adds group budgets (register_group,
+#: set_group, group_id on register_agent and on the commands that take an
+#: agent or a group, the reply field group_id, error.limited_by, the codes
+#: group_not_found and holds_open, group_id on threshold events).
+CONTRACT_VERSION: Final = "1.5.0"
 DEFAULT_PATH: Final = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 
 _REF = "#/components/schemas/{model}"
 _COMMANDS: list[tuple[type[BaseModel], str]] = [
-    (RegisterAgent, "Create the agent if it is new."),
-    (Allocate, "Add tokens to the agent's budget (creates it)."),
+    (RegisterAgent, "Create the agent if it is new, optionally in a group."),
+    (
+        RegisterGroup,
+        "Create a group (routing key: group_id) under parent_id, if it is new. "
+        "Its budget limits every member, sub-groups' included.",
+    ),
+    (
+        SetGroup,
+        "Move the agent to another group (null: none) from now on; refused while it holds.",
+    ),
+    (
+        Allocate,
+        "Add tokens to the budget of the agent or the group (exactly one of agent_id, "
+        "group_id; the routing key is that id).",
+    ),
     (Consume, "Use tokens: refused when more than available."),
     (
         GetBudget,

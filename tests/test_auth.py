@@ -32,6 +32,8 @@ WHO_MAY = {
     CommandType.RELEASE: "own",
     CommandType.SET_THRESHOLDS: "admin",
     CommandType.SET_PERIOD: "admin",
+    CommandType.REGISTER_GROUP: "admin",
+    CommandType.SET_GROUP: "admin",
     CommandType.EXPIRE_RESERVATIONS: "internal",
 }
 OWN = [kind for kind, who in WHO_MAY.items() if who == "own"]
@@ -47,11 +49,14 @@ FIELDS: dict[CommandType, dict[str, Any]] = {
     CommandType.RELEASE: {"reservation_id": "r-1"},
     CommandType.SET_THRESHOLDS: {"thresholds": [50, 90]},
     CommandType.SET_PERIOD: {"period": "day", "timezone": "Europe/Berlin"},
+    CommandType.SET_GROUP: {"group_id": "team-a"},
 }
 
 
 def make(kind: CommandType, agent: str, tokens: int = 5) -> Command:
     body: dict[str, Any] = {"type": kind.value, "agent_id": agent, **FIELDS.get(kind, {})}
+    if kind is CommandType.REGISTER_GROUP:
+        body = {"type": kind.value, "group_id": agent}
     if "tokens" in body:
         body["tokens"] = tokens
     return parse_command(json.dumps(body))

@@ -49,6 +49,10 @@ VALID = {
     CommandType.RELEASE: body("release", reservation_id="r-1"),
     CommandType.SET_THRESHOLDS: body("set_thresholds", thresholds=[50, 90]),
     CommandType.SET_PERIOD: body("set_period", period="week", timezone="America/New_York"),
+    CommandType.SET_GROUP: body("set_group", group_id="team-a"),
+    CommandType.REGISTER_GROUP: json.dumps(
+        {"type": "register_group", "group_id": AGENT, "parent_id": "org-1"}
+    ).encode(),
     CommandType.EXPIRE_RESERVATIONS: body("expire_reservations"),
 }
 
@@ -61,7 +65,7 @@ def test_the_valid_table_has_every_command_type() -> None:
 def test_a_valid_command_decodes_to_its_envelope(kind: CommandType, payload: bytes) -> None:
     result = decoded(payload)
     assert isinstance(result, Envelope), result
-    assert (result.command.command_type, result.command.agent_id) == (kind, AGENT)
+    assert (result.command.command_type, result.command.key) == (kind, AGENT)
     assert result.message_id == "m-1"
 
 
@@ -192,6 +196,34 @@ INVALID = [
         "less than or equal to 100",
         ("set_thresholds.thresholds.0",),
         id="threshold_over_100",
+    ),
+    pytest.param(
+        body("allocate", tokens=5, group_id="team-a"),
+        {},
+        "give exactly one of agent_id and group_id",
+        ("allocate",),
+        id="agent_and_group",
+    ),
+    pytest.param(
+        json.dumps({"type": "get_budget"}).encode(),
+        {},
+        "give exactly one of agent_id and group_id",
+        ("get_budget",),
+        id="neither_agent_nor_group",
+    ),
+    pytest.param(
+        body("consume", tokens=5, group_id="team-a"),
+        {},
+        "Extra inputs are not permitted",
+        ("consume.group_id",),
+        id="consume_for_a_group",
+    ),
+    pytest.param(
+        json.dumps({"type": "register_group", "group_id": "bad id"}).encode(),
+        {"routing_key": "bad id"},
+        "String should match pattern",
+        ("register_group.group_id",),
+        id="bad_group_id",
     ),
     pytest.param(
         body("set_period", period="year"),

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from token_budget.schemas import ErrorCode, OkReply, ThresholdCrossedEvent, parse_command
 from token_budget.worker.domain.outcomes import Envelope, Outcome, OutcomeKind
 from token_budget.worker.store.audit import reconcile
+from token_budget.worker.store.queries import CommittedReader
 from token_budget.worker.store.service import BudgetService
 from token_budget.worker.store.tables import groups, outbox
 
@@ -217,3 +218,15 @@ async def test_reconcile_names_a_group_whose_usage_is_not_its_members(
         await conn.execute(update(groups).where(groups.c.group_id == "team").values(used_tokens=9))
     found = [(d.agent_id, d.check) for d in await reconcile(engine)]
     assert ("team", "group used_tokens = members' usage - resets") in found
+
+
+async def test_a_committed_query_reads_a_groups_budget(
+    tree: BudgetService, engine: AsyncEngine
+) -> None:
+    await tree.apply([env(consume("a3", 25))])
+    query = {**budget(group_id="org"), "consistency": "committed"}
+    [outcome] = await CommittedReader(engine).apply([env(query)])
+    view = ok(outcome)
+    assert (view.group_id, view.agent_id, view.used_tokens) == ("org", None, 25)
+    [missing] = await CommittedReader(engine).apply([env(budget(group_id="nowhere"))])
+    assert error(missing)["code"] == ErrorCode.GROUP_NOT_FOUND

@@ -14,12 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from token_budget.schemas import Consistency, ErrorReply, encode_reply
 from token_budget.worker.domain.errors import BudgetError
+from token_budget.worker.domain.groups import GroupState, apply_group, roll_group
 from token_budget.worker.domain.outcomes import Envelope, Fence, Outcome, OutcomeKind
 from token_budget.worker.domain.periods import roll
 from token_budget.worker.domain.rules import apply_rule
 from token_budget.worker.domain.state import RuleContext
 from token_budget.worker.errors import StorageUnavailable
 from token_budget.worker.store.batch_store import load_states
+from token_budget.worker.store.group_store import load_groups
 from token_budget.worker.store.db import is_transient
 
 __all__ = ["CommittedReader"]
@@ -30,7 +32,8 @@ def _now() -> datetime:
 
 
 class CommittedReader:
-    """A ``CommandApplier`` for ``get_budget``/``get_available`` that only reads.
+    """A ``CommandApplier`` for ``get_budget``/``get_available`` (of an agent or
+    a group) that only reads.
 
     Promises: never writes, never waits for a lane; each reply carries
     ``consistency: "committed"`` and ``as_of``, the moment just before the
@@ -47,11 +50,13 @@ class CommittedReader:
     async def apply(self, batch: Sequence[Envelope], fence: Fence | None = None) -> list[Outcome]:
         if not batch:
             return []
-        agent_ids = sorted({envelope.command.key for envelope in batch})
+        agent_ids = sorted({e.command.key for e in batch if not e.command.for_group})
+        group_ids = {e.command.key for e in batch if e.command.for_group}
         as_of = self._clock()
         try:
             async with self._engine.connect() as conn:
                 states = await load_states(conn, agent_ids, lock_rows=False)
+                groups = await load_groups(conn, group_ids, lock_rows=False)
                 await conn.rollback()
         except exc.SQLAlchemyError as error:
             if is_transient(error):
@@ -61,10 +66,16 @@ class CommittedReader:
             raise StorageUnavailable(str(error)) from error
         outcomes = []
         for envelope in batch:
-            state = states[envelope.command.key]
-            roll(state, as_of)
+            command, ctx = envelope.command, RuleContext(now=as_of)
             try:
-                reply, _ = apply_rule(state, envelope.command, RuleContext(now=as_of))
+                if command.for_group:
+                    group = groups.get(command.key) or GroupState(command.key)
+                    roll_group(group, as_of)
+                    reply = apply_group(group, command, ctx)
+                else:
+                    state = states[command.key]
+                    roll(state, as_of)
+                    reply, _ = apply_rule(state, command, ctx)
             except BudgetError as refusal:
                 error_reply = ErrorReply(error=refusal.to_body())
                 outcomes.append(

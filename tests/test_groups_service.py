@@ -230,3 +230,13 @@ async def test_a_committed_query_reads_a_groups_budget(
     assert (view.group_id, view.agent_id, view.used_tokens) == ("org", None, 25)
     [missing] = await CommittedReader(engine).apply([env(budget(group_id="nowhere"))])
     assert error(missing)["code"] == ErrorCode.GROUP_NOT_FOUND
+
+
+async def test_a_query_for_a_missing_group_does_not_make_its_id_a_group(
+    engine: AsyncEngine,
+) -> None:
+    service = BudgetService(engine)
+    query, register = env(budget(group_id="x")), env(agent("x"))
+    missing, registered = await service.apply([query, register])
+    assert error(missing)["code"] == ErrorCode.GROUP_NOT_FOUND
+    assert ok(registered).agent_id == "x"

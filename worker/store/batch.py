@@ -163,7 +163,7 @@ async def apply_in_transaction(
             ctx,
             chain,
             target=target,
-            is_group=command.key in groups,
+            is_group=command.key in groups and groups[command.key].registered,
         )
         outcomes.append(_outcome(envelope, ctx, seen, rows["processed"], run_agent))
         _collect(state, envelope, fence, marks, now, rows)

@@ -66,6 +66,7 @@ from .errors import (
     ReplyLost,
     refusal_from_wire,
 )
+from .groups import GroupCommands
 from .probe import lane_consumers, timeout_error
 from .reservations import ReservationCommands
 
@@ -89,7 +90,7 @@ class _Pending:
     connection: AbstractConnection
 
 
-class BudgetClient(ReservationCommands):
+class BudgetClient(ReservationCommands, GroupCommands):
     """One connection; safe for many concurrent calls from one event loop.
 
     Use ``client = await BudgetClient.connect(url)`` and ``await client.close()``,
@@ -161,8 +162,11 @@ class BudgetClient(ReservationCommands):
 
     # -- commands -----------------------------------------------------------
 
-    async def register_agent(self, agent_id: str, *, message_id: str | None = None) -> BudgetView:
-        command = RegisterAgent(type="register_agent", agent_id=agent_id)
+    async def register_agent(
+        self, agent_id: str, *, group_id: str | None = None, message_id: str | None = None
+    ) -> BudgetView:
+        """Register the agent, in ``group_id`` if given (``register_group``)."""
+        command = RegisterAgent(type="register_agent", agent_id=agent_id, group_id=group_id)
         return (await self.request(command, message_id=message_id)).view()
 
     async def allocate(

@@ -21,6 +21,8 @@ __all__ = [
     "CommandRefused",
     "ConflictError",
     "DatabaseRejectedError",
+    "GroupNotFoundError",
+    "HoldsOpenError",
     "InsufficientBudgetError",
     "InvalidCommandError",
     "InvalidReply",
@@ -91,7 +93,30 @@ class BudgetNotFoundError(CommandRefused):
 
 
 class InsufficientBudgetError(CommandRefused):
-    pass
+    """Not enough tokens left. For an agent in a group, ``limited_by`` names
+    the first level from the agent upward that lacked room: the agent's own
+    id, or a group's; None for an agent in no group."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        requested_tokens: int | None = None,
+        available_tokens: int | None = None,
+        errors: list[ValidationIssue] | None = None,
+        body: ErrorBody | None = None,
+        limited_by: str | None = None,
+    ) -> None:
+        super().__init__(
+            code,
+            message,
+            requested_tokens=requested_tokens,
+            available_tokens=available_tokens,
+            errors=errors,
+            body=body,
+        )
+        self.limited_by = limited_by
 
 
 class ConflictError(CommandRefused):
@@ -104,6 +129,16 @@ class BalanceOverflowError(CommandRefused):
 
 class DatabaseRejectedError(CommandRefused):
     pass
+
+
+class GroupNotFoundError(CommandRefused):
+    """A group id nobody registered (``register_group``), as a parent, a
+    member's group or the target of a group command."""
+
+
+class HoldsOpenError(CommandRefused):
+    """``set_group`` of an agent with open reservations: commit or release
+    them (or let them expire) first, then move it."""
 
 
 class UnauthorizedError(CommandRefused):
@@ -183,13 +218,15 @@ _BY_CODE: dict[str, type[CommandRefused]] = {
     ErrorCode.RESERVATION_CLOSED: ReservationClosedError,
     ErrorCode.UNAUTHORIZED: UnauthorizedError,
     ErrorCode.WRONG_LANE: WrongLaneError,
+    ErrorCode.GROUP_NOT_FOUND: GroupNotFoundError,
+    ErrorCode.HOLDS_OPEN: HoldsOpenError,
 }
 
 
 def refusal_for(body: ErrorBody) -> CommandRefused:
     """The exception that stands for ``body``, by its code."""
     cls = _BY_CODE.get(str(body.code), CommandRefused)
-    return cls(
+    refusal = cls(
         str(body.code),
         body.message,
         requested_tokens=body.requested_tokens,
@@ -197,6 +234,7 @@ def refusal_for(body: ErrorBody) -> CommandRefused:
         errors=body.errors,
         body=body,
     )
+    return _limited(refusal, body.limited_by)
 
 
 def refusal_from_wire(error: Any) -> CommandRefused:
@@ -210,9 +248,18 @@ def refusal_from_wire(error: Any) -> CommandRefused:
         raise InvalidReply(f"error reply without a code: {error!r}"[:500])
     requested = error.get("requested_tokens")
     available = error.get("available_tokens")
-    return _BY_CODE.get(error["code"], CommandRefused)(
+    limited_by = error.get("limited_by")
+    refusal = _BY_CODE.get(error["code"], CommandRefused)(
         error["code"],
         str(error.get("message", "")),
         requested_tokens=requested if isinstance(requested, int) else None,
         available_tokens=available if isinstance(available, int) else None,
     )
+    return _limited(refusal, limited_by if isinstance(limited_by, str) else None)
+
+
+def _limited(refusal: CommandRefused, limited_by: str | None) -> CommandRefused:
+    # Set after construction: every other class keeps CommandRefused's signature.
+    if isinstance(refusal, InsufficientBudgetError):
+        refusal.limited_by = limited_by
+    return refusal

@@ -3,7 +3,7 @@
 State changes are commands published with the client SDK, never SQL, so they
 are ordered with the agents' own commands and deduplicated by message_id:
 pass ``--message-id`` to retry one safely. ``list``, ``history``,
-``reconcile`` and ``workers`` read the database, read-only. Exit codes are
+``reconcile``, ``workers`` and ``group tree`` read the database, read-only. Exit codes are
 ``worker/exitcodes.py``'s: a script may retry on 2, never on 1 or 64.
 """
 
@@ -26,6 +26,13 @@ from token_budget.client import (
     NoWorker,
 )
 from token_budget.schemas import PERIOD_FIELDS, QUERY_FIELDS, Period
+from token_budget.worker.ctl_groups import (
+    NoSuchGroup,
+    add_group_commands,
+    balances,
+    group_command,
+    tree_lines,
+)
 from token_budget.worker.errors import NoDatabase, ViewError
 from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
 from token_budget.worker.settings import Settings
@@ -43,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--amqp-url", help="default: BUDGET_AMQP_URL or the worker's default")
     common.add_argument(
         "--database-url",
-        help="for list, history, reconcile and workers; default: BUDGET_DATABASE_URL "
+        help="for list, history, reconcile, workers and group tree; default: BUDGET_DATABASE_URL "
         "or the worker's default",
     )
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register = sub.add_parser("register", parents=[common, retry], help="register an agent")
     register.add_argument("agent", metavar="AGENT")
+    register.add_argument("--group", metavar="G", help="the agent's group (group create)")
     allocate = sub.add_parser("allocate", parents=[common, retry], help="add tokens")
     allocate.add_argument("agent", metavar="AGENT")
     allocate.add_argument("tokens", metavar="TOKENS", type=int)
@@ -92,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every balance against its ledger; exit 3 on any difference",
     )
     sub.add_parser("workers", parents=[common], help="live workers and the partitions they hold")
+    add_group_commands(sub, common, retry)
     return parser
 
 
@@ -117,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(ExitCode.REFUSED, f"refused: {error.code}: {error.message}")
     except NoSuchAgent as error:
         return _fail(ExitCode.REFUSED, f"refused: agent_not_found: agent {error} is not registered")
+    except NoSuchGroup as error:
+        return _fail(ExitCode.REFUSED, f"refused: group_not_found: group {error} is not registered")
     except ValidationError as error:
         issues = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         return _fail(ExitCode.REFUSED, f"invalid_command: {issues}")
@@ -147,6 +158,9 @@ def _fail(code: ExitCode, message: str) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str], ExitCode]:
     """The lines to print, and the exit code of a command that ran but failed."""
+    if args.command == "group" and args.group_command == "tree":
+        url = args.database_url or settings.database_url.get_secret_value()
+        return await tree_lines(url, args.root, as_json=args.json), ExitCode.OK
     if args.command in _DATABASE_COMMANDS:
         from token_budget.worker.store import views
 
@@ -227,7 +241,7 @@ def _held_anywhere(view: Any) -> set[int]:
 
 async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
     amqp_url = args.amqp_url or settings.amqp_url.get_secret_value()
-    agent, tokens = args.agent, getattr(args, "tokens", 0)
+    agent, tokens = getattr(args, "agent", ""), getattr(args, "tokens", 0)
     message_id = getattr(args, "message_id", None)
     # The broker checks user_id against the connection's user, so sending it is
     # always safe, and it is what a worker with BUDGET_AUTH=user-id decides by.
@@ -237,8 +251,10 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
         if not (args.command == "consume" and not args.wait) and not await client.lane_consumers():
             # Fail now, not after the timeout: nothing was sent, nothing will answer.
             raise NoWorker("no worker is consuming the lanes: start one with `make run`")
-        if args.command == "register":
-            view = await client.register_agent(agent, message_id=message_id)
+        if args.command == "group":
+            view = await group_command(client, args)
+        elif args.command == "register":
+            view = await client.register_agent(agent, group_id=args.group, message_id=message_id)
         elif args.command == "allocate":
             view = await client.allocate(agent, tokens, message_id=message_id)
         elif args.command == "period":
@@ -265,12 +281,13 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
 def _view_line(view: BudgetView, as_json: bool) -> str:
     if as_json:
         absent = set(QUERY_FIELDS) | (set(PERIOD_FIELDS) if view.period is None else set())
+        # Like the wire: a group's budget has no agent_id, an agent's no group_id.
+        absent.add("group_id" if view.group_id is None else "agent_id")
         return view.model_dump_json(exclude=absent)
-    if view.allocated_tokens is None:
+    if view.group_id is None and view.allocated_tokens is None:
         return f"{view.agent_id}: registered, no budget yet"
-    line = (
-        f"{view.agent_id}: allocated={view.allocated_tokens} used={view.used_tokens} "
-        f"reserved={view.reserved_tokens} available={view.available_tokens}"
+    line = f"{view.agent_id or view.group_id}: " + balances(
+        view.allocated_tokens, view.used_tokens, view.reserved_tokens, view.available_tokens
     )
     if view.period is not None and view.resets_at is not None:
         line += (

@@ -109,7 +109,7 @@ class Conflict(BudgetError):
     def of_id(cls, some_id: str, taken_as: str) -> "Conflict":
         """An id already taken otherwise (agents and groups share one namespace)."""
         conflict = cls.__new__(cls)
-        BudgetError.__init__(conflict, f"id {some_id!r} is already {taken_as} id")
+        BudgetError.__init__(conflict, f"{some_id!r} is already {taken_as}")
         return conflict
 
 

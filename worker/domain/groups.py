@@ -241,10 +241,11 @@ def _register(
     group: GroupState, command: RegisterGroup, parent: GroupState | None, is_agent: bool
 ) -> OkReply:
     if is_agent:
-        raise Conflict.of_id(command.group_id, "an agent's")
+        raise Conflict.of_id(command.group_id, "an agent's id: agents and groups share ids")
     if group.registered:
         if group.parent_id != command.parent_id:
-            raise Conflict.of_id(command.group_id, f"a group under {group.parent_id!r}")
+            under = "a root" if group.parent_id is None else f"under {group.parent_id!r}"
+            raise Conflict.of_id(command.group_id, f"a group {under}: groups never move")
         return group_view(group)
     if command.parent_id is not None:
         if parent is None or not parent.registered:
@@ -303,10 +304,13 @@ def _membership(
     wanted = command.group_id
     if isinstance(command, RegisterAgent):
         if is_group:
-            raise Conflict.of_id(command.agent_id, "a group's")
+            raise Conflict.of_id(command.agent_id, "a group's id: agents and groups share ids")
         if state.registered:
             if wanted is not None and wanted != state.group_id:
-                raise Conflict.of_id(command.agent_id, f"an agent of group {state.group_id!r}")
+                where = "in no group" if state.group_id is None else f"in group {state.group_id!r}"
+                raise Conflict.of_id(
+                    command.agent_id, f"registered {where}: move it with set_group"
+                )
             return view(state)
     elif not state.registered:
         raise AgentNotFound(state.agent_id)

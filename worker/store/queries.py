@@ -21,8 +21,8 @@ from token_budget.worker.domain.rules import apply_rule
 from token_budget.worker.domain.state import RuleContext
 from token_budget.worker.errors import StorageUnavailable
 from token_budget.worker.store.batch_store import load_states
-from token_budget.worker.store.group_store import load_groups
 from token_budget.worker.store.db import is_transient
+from token_budget.worker.store.group_store import load_groups
 
 __all__ = ["CommittedReader"]
 

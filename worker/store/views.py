@@ -6,6 +6,7 @@ commands that only talk to the broker start fast.
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
@@ -25,12 +26,14 @@ from token_budget.worker.store.audit import (
 )
 from token_budget.worker.store.db import is_sqlite, sqlite_path
 from token_budget.worker.store.leases import PoolView, pool_view
-from token_budget.worker.store.tables import agents, budgets
+from token_budget.worker.store.tables import agents, budgets, group_paths, groups
 
 __all__ = [
+    "GroupTree",
     "NoDatabase",
     "ViewError",
     "budgets_page",
+    "group_tree",
     "ledger_of",
     "periods_of",
     "pool",
@@ -131,3 +134,55 @@ async def reconciled(url: str) -> list[Discrepancy]:
 async def pool(url: str, member_ttl: float) -> PoolView:
     async with read_only_engine(url) as engine:
         return await pool_view(engine, member_ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTree:
+    """Groups with their depth under the tree's top (0), and their members."""
+
+    #: group_id, parent_id, depth, allocated_tokens, used_tokens, reserved_tokens;
+    #: by group id.
+    groups: list[dict[str, Any]]
+    #: agent_id, group_id and its balances (None: no budget yet); by agent id.
+    agents: list[dict[str, Any]]
+
+
+async def group_tree(url: str, root: str | None) -> GroupTree | None:
+    """Every group (or ``root`` and those under it) and the agents in them, as
+    stored; None if ``root`` is no group."""
+    if root is None:
+        depth = (groups.c.depth - 1).label("depth")
+        selected = select(groups.c.group_id, groups.c.parent_id, depth)
+    else:
+        selected = select(groups.c.group_id, groups.c.parent_id, group_paths.c.depth).join(
+            group_paths, group_paths.c.descendant_id == groups.c.group_id
+        )
+        selected = selected.where(group_paths.c.ancestor_id == root)
+    group_query = selected.add_columns(
+        groups.c.allocated_tokens, groups.c.used_tokens, groups.c.reserved_tokens
+    ).order_by(groups.c.group_id)
+    async with read_only_engine(url) as engine, engine.connect() as conn:
+        found = [dict(row) for row in (await conn.execute(group_query)).mappings()]
+        if root is not None and not found:
+            return None
+        member_query = (
+            select(
+                agents.c.agent_id,
+                agents.c.group_id,
+                budgets.c.allocated_tokens,
+                budgets.c.used_tokens,
+                budgets.c.reserved_tokens,
+            )
+            .select_from(agents.outerjoin(budgets))
+            .order_by(agents.c.agent_id)
+        )
+        if root is None:
+            member_query = member_query.where(agents.c.group_id.is_not(None))
+        else:
+            member_query = member_query.where(
+                agents.c.group_id.in_(
+                    select(group_paths.c.descendant_id).where(group_paths.c.ancestor_id == root)
+                )
+            )
+        members = [dict(row) for row in (await conn.execute(member_query)).mappings()]
+    return GroupTree(found, members)

@@ -18,6 +18,7 @@ from typing import Any
 
 from .baselines import do_nothing, naive
 from .config import DEFAULT_OUT, QUICK_OUT, BenchConfig
+from .groups import group_cost
 from .infra import RabbitAdmin, machine_info, versions
 from .report import format_table, ratios, write_chart, write_json
 from .scaling import agents_scaling, rpc_under_stream
@@ -25,7 +26,7 @@ from .scenarios import rpc_latency, rss, worker_drain
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("do_nothing", "naive", "worker", "rpc", "stream", "scaling", "rss")
+SECTIONS = ("do_nothing", "naive", "worker", "rpc", "stream", "scaling", "groups", "rss")
 
 
 def _say(message: str) -> None:
@@ -155,6 +156,15 @@ async def _run(config: BenchConfig, sections: list[str]) -> int:
             )
             if value is not None:
                 results["scaling"][kind] = value
+    if "groups" in sections:
+        results["groups"] = {}
+        for kind in ("sqlite", "postgresql"):
+            value = await step(
+                f"drain with and without a shared group, {kind}",
+                functools.partial(group_cost, config, admin, kind),
+            )
+            if value is not None:
+                results["groups"][kind] = value
     if "rss" in sections:
         results["rss"] = await step("peak RSS", lambda: rss(config, admin))
     results = {key: value for key, value in results.items() if value is not None}

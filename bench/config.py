@@ -25,6 +25,10 @@ class BenchConfig:
     agents: int
     #: Agents for the per-command cost figure: few, then very many (bulk-loaded).
     agent_counts: tuple[int, int]
+    #: Worker processes for the shared-group figure, and how many drains of each
+    #: set of agents per process count (alternating, so drift cancels).
+    group_processes: tuple[int, ...]
+    group_rounds: int
     #: Backlogs for the peak-RSS measurement: small, then large.
     rss_backlogs: tuple[int, int]
     #: Sequential get_budget / echo calls measured while idle.
@@ -47,6 +51,8 @@ class BenchConfig:
             naive_n=min(n if n is not None else 100_000, 500 if quick else 20_000),
             agents=20 if quick else 1_000,
             agent_counts=(20, 2_000) if quick else (1_000, 1_000_000),
+            group_processes=(1,) if quick else (1, 2),
+            group_rounds=1 if quick else 2,
             rss_backlogs=(1_000, 2_000) if quick else (10_000, 100_000),
             rpc_calls=300 if quick else 500,  # 300: the fewest samples for a p99
             rpc_drain_callers=4 if quick else 8,
@@ -63,4 +69,5 @@ class BenchConfig:
         data["out"] = str(self.out)
         data["rss_backlogs"] = list(self.rss_backlogs)
         data["agent_counts"] = list(self.agent_counts)
+        data["group_processes"] = list(self.group_processes)
         return data

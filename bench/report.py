@@ -20,6 +20,8 @@ HEADLINES: list[tuple[str, str]] = [
     ("rpc_p99_worker_stream_vs_echo_stream", "get_budget p99 vs echo p99, steady stream"),
     ("cpu_per_command_many_vs_few_agents_sqlite", "CPU per command, many vs few agents, SQLite"),
     ("cpu_per_command_many_vs_few_agents_postgresql", "the same, PostgreSQL"),
+    ("grouped_vs_ungrouped_sqlite_1", "drain, one shared group vs none, SQLite"),
+    ("grouped_vs_ungrouped_postgresql_1", "the same, PostgreSQL"),
     ("rss_large_vs_small", "peak RSS, large vs small backlog"),
 ]
 
@@ -95,6 +97,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     out["rpc_p99_worker_stream_vs_echo_stream"] = results.get("stream", {}).get("p99_ratio")
     for kind, scaling in results.get("scaling", {}).items():
         out[f"cpu_per_command_many_vs_few_agents_{kind}"] = scaling.get("cpu_ratio_many_few")
+    for kind, groups in results.get("groups", {}).items():
+        # Same database, same run: grouped / ungrouped commands per second.
+        for processes, point in groups.get("points", {}).items():
+            out[f"grouped_vs_ungrouped_{kind}_{processes}"] = point.get("ratio")
     out["rss_large_vs_small"] = results.get("rss", {}).get("ratio_large_small")
     return out
 
@@ -220,6 +226,32 @@ def format_table(results: dict[str, Any]) -> str:
                     f"{'one process, ' + kind:38}{point['agents']:>11,}"
                     f"{_f(point['msgs_per_s'], 0):>9}{_f(point['cpu_us_per_msg'], 0):>12}"
                 )
+    if results.get("groups"):
+        lines += [
+            "",
+            f"{'One shared team under one org':32}{'msg/s: none':>12}{'grouped':>9}{'x':>8}"
+            f"{'CPU us/msg':>12}{'mean batch':>12}",
+            "-" * 85,
+        ]
+        for kind, groups in sorted(results["groups"].items()):
+            for processes, point in groups["points"].items():
+                alone, grouped = point["ungrouped"], point["grouped"]
+                pairs = {
+                    key: f"{_f(alone[key], 0)}/{_f(grouped[key], 0)}"
+                    for key in ("cpu_us_per_msg", "mean_batch")
+                }
+                lines.append(
+                    f"{f'{kind}, {processes} process(es)':32}"
+                    f"{_f(alone['msgs_per_s'], 0):>12}{_f(grouped['msgs_per_s'], 0):>9}"
+                    f"{_f(point['ratio'], 3):>8}{pairs['cpu_us_per_msg']:>12}"
+                    f"{pairs['mean_batch']:>12}"
+                )
+        sizes = next(iter(results["groups"].values()))
+        lines += [
+            f"  ({sizes['agents']:,} agents in each set, {sizes['n']:,} consumes per drain; "
+            f"the mean of {sizes['rounds']} drain(s) of each set,",
+            "  alternating, in one database; each grouped batch locks and updates both group rows)",
+        ]
     if "rss" in results:
         lines += [
             "",

@@ -3,7 +3,8 @@ grows, and get_budget latency under a steady stream of consumes.
 
 Agents for the scaling figure are loaded in bulk with the database's own
 driver (a million through the broker would take longer than the drain), with
-the same columns the worker's ``register_agent`` and ``allocate`` write.
+the same columns the worker's ``register_agent`` and ``allocate`` write
+(``bulk_load``, which the groups figure uses too).
 """
 
 import asyncio
@@ -23,7 +24,7 @@ from .infra import Database, RabbitAdmin
 from .traffic import ALLOCATION, RpcClient, agent_names, consume_commands
 from .workers import drain, prepare
 
-__all__ = ["agents_scaling", "rpc_under_stream"]
+__all__ = ["agents_scaling", "bulk_load", "rpc_under_stream"]
 
 
 def _stamp() -> str:
@@ -31,14 +32,14 @@ def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def _load_sqlite(path: str, names: list[str]) -> None:
+def _load_sqlite(path: str, names: list[str], group_id: str | None) -> None:
     now = _stamp()
     conn = sqlite3.connect(path, timeout=60)
     try:
         with conn:
             conn.executemany(
-                "INSERT INTO agents (agent_id, created_at) VALUES (?, ?)",
-                ((name, now) for name in names),
+                "INSERT INTO agents (agent_id, created_at, group_id) VALUES (?, ?, ?)",
+                ((name, now, group_id) for name in names),
             )
             conn.executemany(
                 "INSERT INTO budgets (agent_id, allocated_tokens, used_tokens, reserved_tokens,"
@@ -49,13 +50,15 @@ def _load_sqlite(path: str, names: list[str]) -> None:
         conn.close()
 
 
-async def _load_postgresql(dsn: str, names: list[str]) -> None:
+async def _load_postgresql(dsn: str, names: list[str], group_id: str | None) -> None:
     now = datetime.now(UTC)
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
             await conn.copy_records_to_table(
-                "agents", records=[(n, now) for n in names], columns=["agent_id", "created_at"]
+                "agents",
+                records=[(n, now, group_id) for n in names],
+                columns=["agent_id", "created_at", "group_id"],
             )
             await conn.copy_records_to_table(
                 "budgets",
@@ -73,11 +76,13 @@ async def _load_postgresql(dsn: str, names: list[str]) -> None:
         await conn.close()
 
 
-async def _bulk_load(database: Database, names: list[str]) -> None:
+async def bulk_load(database: Database, names: list[str], group_id: str | None = None) -> None:
+    """Register ``names`` (members of ``group_id``, which must exist) and allocate
+    each ``ALLOCATION``, as ``register_agent`` and ``allocate`` would."""
     if database.kind == "sqlite":
-        await asyncio.to_thread(_load_sqlite, database.dsn, names)
+        await asyncio.to_thread(_load_sqlite, database.dsn, names, group_id)
     else:
-        await _load_postgresql(database.dsn, names)
+        await _load_postgresql(database.dsn, names, group_id)
 
 
 async def agents_scaling(config: BenchConfig, admin: RabbitAdmin, kind: str) -> dict[str, Any]:
@@ -90,7 +95,7 @@ async def agents_scaling(config: BenchConfig, admin: RabbitAdmin, kind: str) -> 
             await setup.stop()
             names = agent_names(count, "many")
             started = time.perf_counter()
-            await _bulk_load(prepared.database, names)
+            await bulk_load(prepared.database, names)
             loaded_s = time.perf_counter() - started
             prepared.agents = names
             result = await drain(prepared, processes=1, backlog=config.n, tag="s")

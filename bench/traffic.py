@@ -29,6 +29,7 @@ __all__ = [
     "agent_names",
     "consume_commands",
     "declare",
+    "group_commands",
     "latency_summary",
     "publish",
     "setup_commands",
@@ -59,6 +60,18 @@ def setup_commands(agents: list[str]) -> Iterator[Wire]:
             _body(type="allocate", agent_id=agent, tokens=ALLOCATION),
             f"alloc-{agent}",
         )
+
+
+def group_commands(group_id: str, parent_id: str | None = None) -> list[Wire]:
+    """register_group then allocate ``ALLOCATION`` (one routing key, so in order)."""
+    fields: dict[str, Any] = {"type": "register_group", "group_id": group_id}
+    if parent_id is not None:
+        fields["parent_id"] = parent_id
+    allocate = _body(type="allocate", group_id=group_id, tokens=ALLOCATION)
+    return [
+        (group_id, _body(**fields), f"reg-{group_id}"),
+        (group_id, allocate, f"alloc-{group_id}"),
+    ]
 
 
 def consume_commands(agents: list[str], count: int, tag: str) -> Iterator[Wire]:

@@ -11,7 +11,7 @@ from bench.config import BenchConfig
 
 _ROOT = Path(__file__).resolve().parent.parent
 
-SECTIONS = ("do_nothing", "naive", "worker", "rpc", "stream", "scaling", "rss")
+SECTIONS = ("do_nothing", "naive", "worker", "rpc", "stream", "scaling", "groups", "rss")
 
 
 @pytest.mark.slow
@@ -48,6 +48,16 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     # A quick run takes 300 calls, the fewest a p99 is reported from.
     assert results["rpc"]["echo_idle"]["p99_ms"] is not None
     assert all(p["vmhwm_kib"] > 0 for p in results["rss"]["points"].values())
+    # The shared group's cost: both databases, both sets of agents drained in full.
+    assert set(results["groups"]) == {"sqlite", "postgresql"}
+    for kind, groups in results["groups"].items():
+        for processes, point in groups["points"].items():
+            for label in ("ungrouped", "grouped"):
+                for each in point[label]["runs"]:
+                    drained = sum(p["commands"] for p in each["per_process"])
+                    assert drained == n, (kind, processes, label)
+            assert point["ratio"] > 0, (kind, processes)
+        assert results["ratios"][f"grouped_vs_ungrouped_{kind}_1"] == groups["ratio"]
     # Ratios only: the README states no speed target to fall below.
     assert "Ratios measured in this run" in run.stdout
     assert "TARGET" not in run.stdout.upper()

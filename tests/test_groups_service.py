@@ -3,12 +3,14 @@
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.clock import Clock
 from token_budget.schemas import ErrorCode, OkReply, ThresholdCrossedEvent, parse_command
 from token_budget.worker.domain.outcomes import Envelope, Outcome, OutcomeKind
 from token_budget.worker.store.audit import reconcile
@@ -240,3 +242,19 @@ async def test_a_query_for_a_missing_group_does_not_make_its_id_a_group(
     missing, registered = await service.apply([query, register])
     assert error(missing)["code"] == ErrorCode.GROUP_NOT_FOUND
     assert ok(registered).agent_id == "x"
+
+
+async def test_a_hold_expired_by_set_group_is_booked_in_the_group_it_was_taken_in(
+    engine: AsyncEngine,
+) -> None:
+    # Found by test_groups_model: the expiry's ledger row named the new group.
+    clock = Clock(datetime(2027, 6, 1, tzinfo=UTC))
+    service = BudgetService(engine, clock=clock)
+    await service.apply([env(group("old")), env(group("new")), env(agent("x", "old"))])
+    await service.apply([env(allocate(100, agent_id="x"))])
+    ok(await one(service, {"type": "reserve", "agent_id": "x", "tokens": 40, "ttl_seconds": 30}))
+    clock.advance(seconds=31)
+    ok(await one(service, {"type": "set_group", "agent_id": "x", "group_id": "new"}))
+    assert ok(await one(service, budget(group_id="old"))).reserved_tokens == 0
+    assert ok(await one(service, budget(group_id="new"))).reserved_tokens == 0
+    assert await reconcile(engine) == []

@@ -146,6 +146,9 @@ async def apply_in_transaction(
         state = states[command.key]
         chain = [groups[g] for g in groups[state.group_id].chain] if state.group_id else []
         marks = len(state.changes), len(state.crossings)
+        # Rows are the group's the agent was in when they happened: a set_group
+        # moves only what comes after it (its own expiries before it included).
+        member_of = state.group_id
         for group in chain:
             roll_group(group, now)
         expire_due(state, now)
@@ -166,7 +169,7 @@ async def apply_in_transaction(
             is_group=command.key in groups and groups[command.key].registered,
         )
         outcomes.append(_outcome(envelope, ctx, seen, rows["processed"], run_agent))
-        _collect(state, envelope, fence, marks, now, rows)
+        _collect(state, envelope, fence, marks, now, rows, member_of)
     for group in groups.values():
         _collect_group(group, fence_of(items), now, rows)
     await write(conn, states.values(), rows, now)
@@ -261,8 +264,10 @@ def _collect(
     marks: tuple[int, int],
     now: datetime,
     rows: Written,
+    group_id: str | None,
 ) -> None:
-    """The ledger and outbox rows of what this command (and expiry before it) changed."""
+    """The ledger and outbox rows of what this command (and expiry before it)
+    changed, each under ``group_id``: the agent's group before the command."""
     lease = {
         "worker_id": fence.owner if fence else None,
         "lease_partition": fence.partition if fence else None,
@@ -281,7 +286,7 @@ def _collect(
                 "reserved_after": change.reserved_after,
                 "reservation_id": change.reservation_id,
                 "period_start": change.period_start,
-                "group_id": state.group_id,
+                "group_id": group_id,
                 "created_at": now,
                 **lease,
             }

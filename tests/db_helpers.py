@@ -3,18 +3,20 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import func, select
+import aiosqlite
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.workload import Model
 from token_budget.schemas import LaneMap
 from token_budget.worker.store.audit import reconcile
-from token_budget.worker.store.db import create_engine
+from token_budget.worker.store.db import create_engine, sqlite_path
 from token_budget.worker.store.tables import budgets, ledger, processed_commands
 
 __all__ = [
     "assert_books_in_order_on_own_lanes",
     "balances",
+    "lane_blocked",
     "lanes_applied_on",
     "ledger_ids",
     "ledger_size",
@@ -86,3 +88,26 @@ async def assert_books_in_order_on_own_lanes(
         agent: {lanes.index_of(agent)} for agent, ids in model.applied.items() if ids
     }
     assert await reconcile(engine) == []
+
+
+@asynccontextmanager
+async def lane_blocked(database_url: str, agent: str) -> AsyncIterator[None]:
+    """Hold what the agent's next write needs, from outside the worker."""
+    path = sqlite_path(database_url)
+    if path is not None:
+        # SQLite's one write lock: the lane's next commit waits (WAL readers do not).
+        async with aiosqlite.connect(path, isolation_level=None) as db:
+            await db.execute("BEGIN IMMEDIATE")
+            yield
+            await db.rollback()
+        return
+    engine: AsyncEngine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            # The lane locks the agent's budget row before it writes.
+            await conn.execute(
+                text("SELECT 1 FROM budgets WHERE agent_id = :a FOR UPDATE"), {"a": agent}
+            )
+            yield
+    finally:
+        await engine.dispose()

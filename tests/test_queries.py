@@ -8,17 +8,13 @@ command commits and the next committed query shows it.
 """
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 
 import aio_pika
-import aiosqlite
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.amqp_helpers import connection_name, open_amqp
+from tests.db_helpers import lane_blocked
 from tests.eventually import eventually
 from tests.support import funded
 from token_budget import BudgetClient, RequestTimeout
@@ -33,30 +29,6 @@ from token_budget.schemas import (
     ErrorCode,
 )
 from token_budget.worker.app import Worker
-from token_budget.worker.store.db import create_engine, sqlite_path
-
-
-@asynccontextmanager
-async def lane_blocked(database_url: str, agent: str) -> AsyncIterator[None]:
-    """Hold what the agent's next write needs, from outside the worker."""
-    path = sqlite_path(database_url)
-    if path is not None:
-        # SQLite's one write lock: the lane's next commit waits (WAL readers do not).
-        async with aiosqlite.connect(path, isolation_level=None) as db:
-            await db.execute("BEGIN IMMEDIATE")
-            yield
-            await db.rollback()
-        return
-    engine: AsyncEngine = create_engine(database_url)
-    try:
-        async with engine.begin() as conn:
-            # The lane locks the agent's budget row before it writes.
-            await conn.execute(
-                text("SELECT 1 FROM budgets WHERE agent_id = :a FOR UPDATE"), {"a": agent}
-            )
-            yield
-    finally:
-        await engine.dispose()
 
 
 async def test_a_committed_query_is_answered_while_the_agents_lane_cannot_commit(

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -12,9 +13,10 @@ from datetime import UTC, datetime
 import aio_pika
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ProbableAuthenticationError
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from token_budget.client.connection import CONNECTION_ERRORS
+from token_budget.client.connection import CONNECTION_ERRORS, is_open
 from token_budget.schemas import QUERIES_QUEUE, LaneMap
 from token_budget.worker.backoff import pause
 from token_budget.worker.broker import wire_guard
@@ -28,8 +30,10 @@ from token_budget.worker.broker.topology import (
     declare_topology,
     routing_is_stable_on,
 )
+from token_budget.worker.endpoint import HealthReport
 from token_budget.worker.errors import BrokerRefused, TopologyError
 from token_budget.worker.logs import get_logger, renders_json
+from token_budget.worker.metrics import BROKER_RECONNECTS, report_health
 from token_budget.worker.pool.pool import Pool
 from token_budget.worker.settings import AuthMode, Settings
 from token_budget.worker.store.committer import GroupCommitter
@@ -96,6 +100,9 @@ class Worker:
         #: Set by the service after a commit that recorded events: the outbox
         #: publishes them now rather than at its next poll.
         self._outbox_wake = asyncio.Event()
+        self._connection: AbstractConnection | None = None
+        #: The latest health check (``/healthz``), None before the first.
+        self.health: HealthReport | None = None
 
     @property
     def lanes(self) -> dict[int, Lane]:
@@ -130,6 +137,7 @@ class Worker:
         if settings.auth is AuthMode.USER_ID and not settings.admin_users:
             self._log.warning("no_admin_users", why="nobody can register agents or allocate")
         service: GroupCommitter | None = None
+        watching = asyncio.create_task(self._watch_health(), name="health")
         try:
             if settings.migrate_on_start:
                 await self._until_done("migrate", lambda: upgrade(self._require_engine()))
@@ -166,10 +174,13 @@ class Worker:
                             "check the user and password in BUDGET_AMQP_URL"
                         ) from None
                     delay = backoff.next()
+                    BROKER_RECONNECTS.inc()
                     self._log.warning("broker_unavailable", error=repr(e), retry_in_s=delay)
                     await pause(delay, self._stop)
         finally:
             self.ready.clear()
+            watching.cancel()
+            report_health(False)
             if service is not None:
                 await service.close()
             await self._require_engine().dispose()
@@ -180,6 +191,7 @@ class Worker:
     async def _serve(self, service: GroupCommitter) -> None:
         connection = await connect_amqp(self.settings, name=self.name)
         self.connections += 1
+        self._connection = connection
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         group: LaneGroup | None = None
@@ -264,6 +276,7 @@ class Worker:
                 raise ConnectionError("connection to the broker lost")
         finally:
             self.ready.clear()
+            self._connection = None
             self._pool_stop = None
             if upgrading is not None:
                 upgrading.cancel()
@@ -276,6 +289,44 @@ class Worker:
                 await connection.close()
             if background is not None:
                 await background.close()
+
+    async def _watch_health(self) -> None:
+        """Check health every ``health_interval``; the endpoint reads the result."""
+        interval = self.settings.health_interval
+        while True:
+            self.health = await self.check_health(within=max(interval, 1.0))
+            report_health(self.health.healthy)
+            await asyncio.sleep(interval)
+
+    async def check_health(self, *, within: float) -> HealthReport:
+        """Broker connected, database answering, and this worker holding its
+        lanes: its last pool tick within the lease TTL (else its leases may be
+        another's by now) and a running lane for each partition it holds."""
+        connection = self._connection
+        broker = "ok" if connection is not None and is_open(connection) else "not connected"
+        database = "ok"
+        engine = self._reader or self._engine
+        try:
+            if engine is None:
+                raise ConnectionError("no engine yet")
+            async with asyncio.timeout(within), engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except TimeoutError:
+            database = f"no answer in {within:g} s"
+        except Exception as error:
+            # The class only: a driver's message may quote the URL.
+            database = f"unreachable ({type(error).__name__})"
+        pool, group = self.pool, self._group
+        held = sorted(group.running()) if group is not None else []
+        lanes = "ok"
+        if pool is None or pool.last_tick is None or not self.ready.is_set():
+            lanes = "not started"
+        elif (age := time.monotonic() - pool.last_tick) > self.settings.lease_ttl:
+            lanes = f"leases not renewed for {age:.0f} s"
+        elif group is not None and len(held) < len(group.lanes):
+            lanes = f"{len(group.lanes) - len(held)} lane(s) stopped"
+        checks = {"broker": broker, "database": database, "lanes": lanes}
+        return HealthReport(checks, extra={"partitions": held})
 
     async def _check_partitions(self) -> None:
         recorded = await recorded_partitions(self._require_engine())

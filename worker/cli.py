@@ -10,13 +10,16 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from aiormq.exceptions import ProbableAuthenticationError
+from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 from sqlalchemy import text
 
 from token_budget.worker.app import Worker, connect_amqp
+from token_budget.worker.endpoint import Endpoint, HealthReport, children_health
 from token_budget.worker.errors import BrokerRefused, TopologyError
 from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
 from token_budget.worker.logs import configure_logging, get_logger
@@ -75,7 +78,26 @@ async def _run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
-    await worker.run()
+    endpoint = None
+    if settings.metrics_port is not None:
+        endpoint = _endpoint(settings, REGISTRY, lambda: worker.health)
+    try:
+        await worker.run()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _endpoint(
+    settings: Settings, registry: CollectorRegistry, health: Callable[[], HealthReport | None]
+) -> Endpoint:
+    assert settings.metrics_port is not None
+    stale_after = max(3 * settings.health_interval, 10.0)
+    endpoint = Endpoint(
+        settings.metrics_host, settings.metrics_port, registry, health, stale_after=stale_after
+    ).start()
+    get_logger().info("metrics_serving", host=settings.metrics_host, port=endpoint.port)
+    return endpoint
 
 
 def _at_least_one(text: str) -> int:
@@ -86,7 +108,26 @@ def _at_least_one(text: str) -> int:
 
 
 async def _supervise(settings: Settings, processes: int) -> int:
-    supervisor = Supervisor(processes, retry=settings.retry, log=get_logger())
+    if settings.metrics_port is None:
+        return await _supervised(Supervisor(processes, retry=settings.retry, log=get_logger()))
+    # The children's values, one file per process, summed here on each scrape.
+    with tempfile.TemporaryDirectory(prefix="budget-metrics-") as directory:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        stale_after = max(3 * settings.health_interval, 10.0)
+        endpoint = _endpoint(
+            settings, registry, lambda: children_health(registry, processes, stale_after)
+        )
+        try:
+            supervisor = Supervisor(
+                processes, retry=settings.retry, log=get_logger(), metrics_dir=directory
+            )
+            return await _supervised(supervisor)
+        finally:
+            endpoint.close()
+
+
+async def _supervised(supervisor: Supervisor) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, supervisor.stop)

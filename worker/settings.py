@@ -122,6 +122,15 @@ class Settings(BaseSettings):
     log_heartbeat_seconds: float = Field(default=60.0, gt=0)
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
+    #: ``BUDGET_METRICS_PORT``: serve ``GET /metrics`` (Prometheus) and
+    #: ``GET /healthz`` on this port; unset (default): no HTTP at all. With
+    #: ``--processes N`` the parent serves it, summing its children.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    #: ``BUDGET_METRICS_HOST``: the address it listens on (all by default, for a scraper
+    #: in another container; ``127.0.0.1`` keeps it on the host).
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - opt-in, and meant to be scraped
+    #: How often the worker re-checks its own health (what ``/healthz`` says).
+    health_interval: float = Field(default=2.0, gt=0)
 
     @property
     def retry(self) -> RetryPolicy:

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 
+from prometheus_client import multiprocess
 from structlog.typing import FilteringBoundLogger
 
 from token_budget.worker.backoff import RetryPolicy, pause
@@ -60,8 +61,12 @@ class Supervisor:
         retry: RetryPolicy,
         log: FilteringBoundLogger,
         stable_seconds: float = 30.0,
+        metrics_dir: str | None = None,
     ) -> None:
+        """``metrics_dir``: the children's prometheus-client multiprocess
+        directory (the parent serves their sum); None: children keep theirs."""
         self.processes = processes
+        self._metrics_dir = metrics_dir
         self._retry = retry
         self._log = log.bind(supervisor=os.getpid())
         self._stable = stable_seconds
@@ -98,6 +103,9 @@ class Supervisor:
             self._log.info("child_started", slot=slot, pid=child.pid)
             code = await child.wait()
             del self._children[slot]
+            if self._metrics_dir is not None and child.pid is not None:
+                # Its gauges leave the sum; its counters stay in the totals.
+                multiprocess.mark_process_dead(child.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
             if self._stop.is_set():
                 self._log.info("child_stopped", slot=slot, pid=child.pid, code=code)
                 return
@@ -114,6 +122,10 @@ class Supervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         env = dict(os.environ, BUDGET_PROCESSES="1")
+        # The port is the parent's; the children write their metrics for it to sum.
+        env.pop("BUDGET_METRICS_PORT", None)
+        if self._metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
         parent = os.getpid()
         return await asyncio.create_subprocess_exec(
             sys.executable,

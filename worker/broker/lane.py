@@ -34,6 +34,7 @@ from token_budget.worker.backoff import Backoff, RetryPolicy, pause
 from token_budget.worker.broker.acks import Disposition, Settlement, settle, settle_failure
 from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
 from token_budget.worker.broker.batch_log import log_batch
+from token_budget.worker.broker.batch_metrics import count_batch
 from token_budget.worker.broker.consumer import Delivery, consume
 from token_budget.worker.broker.decode import Invalid
 from token_budget.worker.broker.delivery import can_reply, decode_delivery, reply_body
@@ -47,6 +48,7 @@ from token_budget.worker.domain.outcomes import (
     OutcomeKind,
 )
 from token_budget.worker.errors import Fenced
+from token_budget.worker.metrics import LANE_UNAPPLIED, STORAGE_RETRIES
 
 __all__ = ["QUERIES_INDEX", "DrainListener", "Lane", "LaneConfig"]
 
@@ -147,6 +149,7 @@ class Lane:
         self._marker: str | None = None
         #: Deliveries dead-lettered because they belong to another lane.
         self.misrouted = 0
+        self._unapplied = LANE_UNAPPLIED.labels("queries" if index == QUERIES_INDEX else str(index))
 
     def stop(self) -> None:
         """Finish the batch in hand, then close: the rest goes back to the broker."""
@@ -185,9 +188,10 @@ class Lane:
             await channel.set_qos(prefetch_count=self._config.prefetch)
             underlay = await channel.get_underlay_channel()
             self._inbox = asyncio.Queue()
+            self._unapplied.set(0)
             if self._stopping:
                 return
-            await consume(underlay, self.queue_name, self._inbox.put_nowait)
+            await consume(underlay, self.queue_name, self._arrived)
             self._log.debug("lane_consuming", queue=self.queue_name)
             await self._start_drain(publisher)
             while not self._stopping:
@@ -207,6 +211,11 @@ class Lane:
             # delivery at once, so the next consumer starts where we stopped.
             await _close(publisher.channel)
             await _close(channel)
+            self._unapplied.set(0)
+
+    def _arrived(self, message: Delivery) -> None:
+        self._inbox.put_nowait(message)
+        self._unapplied.inc()
 
     async def _take(self) -> list[Delivery]:
         first = await self._inbox.get()
@@ -243,6 +252,7 @@ class Lane:
             batch, drained = self._take_markers(batch)
             if not batch:
                 await self._act(Disposition.ACK, work)
+                self._unapplied.dec(len(work.messages))
                 return await self._drained(drained)
         started = time.perf_counter()
         decoded = [self._decode(message) for message in batch]
@@ -277,9 +287,10 @@ class Lane:
         await asyncio.gather(*pending)
         # Everything the batch published is confirmed: now its one acknowledgement.
         await self._act(Disposition.ACK, work)
-        log_batch(
-            self._log, batch, decoded, results, time.perf_counter() - started, self._config.log_ops
-        )
+        self._unapplied.dec(len(work.messages))
+        seconds = time.perf_counter() - started
+        count_batch(decoded, results, seconds)
+        log_batch(self._log, batch, decoded, results, seconds, self._config.log_ops)
         if self._config.on_settled is not None:
             self._config.on_settled(len(batch))
         await self._drained(drained)
@@ -314,6 +325,7 @@ class Lane:
                 # Not committed, the database may take it later: hold the
                 # batch unacknowledged, back off, apply it again.
                 delay = work.backoff.next()
+                STORAGE_RETRIES.inc()
                 self._log.warning("storage_unavailable", error=str(error), retry_in_s=delay)
                 await self._pause(delay)
                 if self._stopping:
@@ -324,6 +336,7 @@ class Lane:
                 # later command of the same agent overtake.
                 await _close(work.publisher.channel)
                 await _close(work.channel)
+                self._unapplied.set(0)
                 raise _Requeued() from error
             case _:
                 assert_never(disposition)

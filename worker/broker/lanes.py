@@ -7,6 +7,7 @@ from structlog.typing import FilteringBoundLogger
 
 from token_budget.worker.broker.lane import DrainListener, Lane, LaneConfig
 from token_budget.worker.domain.outcomes import CommandApplier, Fence
+from token_budget.worker.metrics import PARTITION_EPOCH, PARTITIONS_HELD
 
 __all__ = ["LaneGroup"]
 
@@ -53,12 +54,16 @@ class LaneGroup:
         )
         task = asyncio.create_task(lane.run(), name=lane.queue_name)
         self._tasks[fence.partition] = (lane, task)
+        PARTITION_EPOCH.labels(str(fence.partition)).set(fence.epoch)
+        PARTITIONS_HELD.set(len(self._tasks))
 
     async def revoked(self, partition: int) -> None:
         lane, task = self._tasks.pop(partition)
         lane.stop()
         # The lane finishes the batch in hand and closes its channel.
         await asyncio.gather(task, return_exceptions=True)
+        PARTITION_EPOCH.labels(str(partition)).set(0)
+        PARTITIONS_HELD.set(len(self._tasks))
 
     def running(self) -> dict[int, Fence]:
         return {
@@ -69,6 +74,8 @@ class LaneGroup:
 
     def abort(self) -> None:
         """Stop every lane at once, for a connection that is gone anyway."""
-        for lane, task in self._tasks.values():
+        for partition, (lane, task) in self._tasks.items():
             lane.stop()
             task.cancel()
+            PARTITION_EPOCH.labels(str(partition)).set(0)
+        PARTITIONS_HELD.set(0)

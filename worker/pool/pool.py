@@ -11,6 +11,7 @@ lease epoch fences any commit a former owner still attempts.
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 from structlog.typing import FilteringBoundLogger
@@ -59,6 +60,8 @@ class Pool:
         self.view: PoolView | None = None
         #: Set once the first rebalance is done: the worker's lanes are running.
         self.ticked = asyncio.Event()
+        #: ``time.monotonic()`` of the last tick that renewed and rebalanced.
+        self.last_tick: float | None = None
         self._evicted: set[str] = set()
 
     def stop(self) -> None:
@@ -73,6 +76,7 @@ class Pool:
                     view = await self.store.tick()
                     self.view = view
                     await self._rebalance(view)
+                    self.last_tick = time.monotonic()
                     self.ticked.set()
                 except Exception as error:
                     # Database away or a peer's lock in the way: lanes keep

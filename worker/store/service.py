@@ -199,6 +199,16 @@ class BudgetService:
             rows = await conn.execute(query.order_by(outbox.c.id).limit(limit))
             return [PendingEvent(i, e, r, t, b.encode()) for i, e, r, t, b in rows]
 
+    async def pending_count(self, partitions: Collection[int] | None) -> int:
+        """How many events ``pending_events`` would return without a limit."""
+        query = select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
+        if partitions is not None:
+            query = query.where(
+                or_(outbox.c.partition.in_(sorted(partitions)), outbox.c.partition.is_(None))
+            )
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
     async def mark_published(self, ids: Sequence[int]) -> None:
         if not ids:
             return

@@ -22,6 +22,7 @@ from token_budget.schemas import CONTENT_TYPE, EVENTS_EXCHANGE
 from token_budget.worker.backoff import RetryPolicy, pause
 from token_budget.worker.domain.outcomes import PendingEvent
 from token_budget.worker.errors import StorageUnavailable
+from token_budget.worker.metrics import OUTBOX_BACKLOG
 from token_budget.worker.store.db import is_transient
 
 __all__ = ["EventStore", "OutboxPublisher"]
@@ -33,6 +34,8 @@ class EventStore(Protocol):
     async def pending_events(
         self, partitions: Collection[int] | None, *, limit: int = ...
     ) -> list[PendingEvent]: ...
+
+    async def pending_count(self, partitions: Collection[int] | None) -> int: ...
 
     async def mark_published(self, ids: Sequence[int]) -> None: ...
 
@@ -102,7 +105,13 @@ class OutboxPublisher:
                 await self._sleep(self._poll)
 
     async def _drain(self, exchange: AbstractExchange) -> int:
-        events = await self._store.pending_events(self._partitions(), limit=self._batch)
+        partitions = self._partitions()
+        events = await self._store.pending_events(partitions, limit=self._batch)
+        # A short page is the whole backlog; only a full one needs counting.
+        backlog = len(events)
+        if backlog == self._batch:
+            backlog = await self._store.pending_count(partitions)
+        OUTBOX_BACKLOG.set(backlog)
         if not events:
             return 0
         # Published in recorded order on one channel; confirms awaited together.
@@ -110,6 +119,7 @@ class OutboxPublisher:
             *(exchange.publish(_message(e), e.routing_key, mandatory=False) for e in events)
         )
         await self._store.mark_published([e.id for e in events])
+        OUTBOX_BACKLOG.dec(len(events))
         self.published += len(events)
         self._log.info("events_published", count=len(events), first=events[0].event_id)
         return len(events)

@@ -25,6 +25,7 @@ from structlog.typing import FilteringBoundLogger
 from token_budget.client.connection import is_open
 from token_budget.schemas import COMMANDS_EXCHANGE, CONTENT_TYPE, ExpireReservations
 from token_budget.worker.backoff import RetryPolicy, pause
+from token_budget.worker.metrics import SWEEPS, SWEPT_AGENTS
 
 __all__ = ["OverdueStore", "Sweeper"]
 
@@ -95,11 +96,13 @@ class Sweeper:
         self._asked = {a: t for a, t in self._asked.items() if now - t < self.resend_after}
         overdue = await self._store.overdue_agents(limit=self._limit)
         due = [agent for agent in overdue if agent not in self._asked]
+        SWEEPS.inc()
         if not due:
             return 0
         await asyncio.gather(*(exchange.publish(self._message(a), a) for a in due))
         self._asked.update(dict.fromkeys(due, now))
         self.requested += len(due)
+        SWEPT_AGENTS.inc(len(due))
         self._log.info("expiry_requested", agents=len(due))
         return len(due)
 

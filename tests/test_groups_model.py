@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -24,11 +23,11 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.clock import Clock
+from tests.models import run_against
 from token_budget.schemas import ErrorCode, ErrorReply, OkReply, parse_command
 from token_budget.worker.domain.outcomes import Envelope, Outcome, OutcomeKind
 from token_budget.worker.store.audit import reconcile
@@ -373,13 +372,4 @@ class GroupsMachine(RuleBasedStateMachine):
 
 def test_group_budgets_follow_the_model(engine: AsyncEngine, database_url: str) -> None:
     """``engine`` has migrated the database; the machine opens its own, in its own loop."""
-    machine = type("Machine", (GroupsMachine,), {"database_url": database_url})
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=20,
-            stateful_step_count=30,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    run_against(GroupsMachine, database_url, steps=30)

@@ -81,6 +81,16 @@ async def publish_workload(amqp_url: str) -> int:
         return sum(len(r) for r in rounds)
 
 
+async def counted_once_settled(port: int, sent: int) -> dict[tuple[str, str], int]:
+    """The command counters once they account for ``sent`` deliveries."""
+    return await eventually(
+        lambda: commands(port),
+        within=60,
+        what="every delivery counted",
+        done=lambda c: sum(c.values()) >= sent,
+    )
+
+
 EXPECTED = {
     ("register_agent", "applied"): 5,
     ("allocate", "applied"): 5,
@@ -101,13 +111,7 @@ async def test_the_command_counters_agree_exactly_with_the_books(
     worker = worker_process(metrics_port=port)
     await worker.wait_ready()
     sent = await publish_workload(amqp_url)
-    counted = await eventually(
-        lambda: commands(port),
-        within=60,
-        what="every delivery counted",
-        done=lambda c: sum(c.values()) >= sent,
-    )
-    assert counted == EXPECTED
+    assert await counted_once_settled(port, sent) == EXPECTED
     samples = scrape(port)
     assert samples["budget_dead_letters_total"] == [({"code": "invalid_command"}, 1.0)]
     assert samples["budget_batch_size_sum"][0][1] == sent
@@ -184,13 +188,7 @@ async def test_a_parent_of_two_processes_serves_their_sum(
     )
     assert len(body["healthy_pids"]) == 2
     sent = await publish_workload(amqp_url)
-    counted = await eventually(
-        lambda: commands(port),
-        within=60,
-        what="every delivery counted",
-        done=lambda c: sum(c.values()) >= sent,
-    )
-    assert counted == EXPECTED
+    assert await counted_once_settled(port, sent) == EXPECTED
     # Each child holds its share; the parent sums them.
     await eventually(
         lambda: scrape(port)["budget_partitions_held"],

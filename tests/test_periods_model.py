@@ -12,18 +12,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
     rule,
-    run_state_machine_as_test,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.clock import Clock
+from tests.models import run_against
 from token_budget.schemas import OkReply, parse_command
 from token_budget.worker.domain.outcomes import Envelope, OutcomeKind
 from token_budget.worker.store.audit import history, reconcile
@@ -200,13 +199,4 @@ class PeriodsMachine(RuleBasedStateMachine):
 
 def test_periodic_budgets_follow_the_model(engine: AsyncEngine, database_url: str) -> None:
     """``engine`` has migrated the database; the machine opens its own, in its own loop."""
-    machine = type("Machine", (PeriodsMachine,), {"database_url": database_url})
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=20,
-            stateful_step_count=25,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    run_against(PeriodsMachine, database_url, steps=25)

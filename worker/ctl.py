@@ -3,8 +3,11 @@
 State changes are commands published with the client SDK, never SQL, so they
 are ordered with the agents' own commands and deduplicated by message_id:
 pass ``--message-id`` to retry one safely. ``list``, ``history``,
-``reconcile``, ``workers`` and ``group tree`` read the database, read-only. Exit codes are
-``worker/exitcodes.py``'s: a script may retry on 2, never on 1 or 64.
+``reconcile``, ``workers``, ``watch`` and ``group tree`` read the database, read-only. Exit
+codes are ``worker/exitcodes.py``'s: a script may retry on 2, never on 1 or 64.
+
+On a terminal ``list``, ``show``, ``group show`` and ``group tree`` print a
+table (``ctl_render.py``); a pipe gets the plain lines, ``--json`` JSON.
 """
 
 import argparse
@@ -14,7 +17,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -32,11 +36,15 @@ from token_budget.worker.ctl_groups import (
     balances,
     group_command,
     tree_lines,
+    tree_table,
 )
 from token_budget.worker.errors import NoDatabase, ViewError
 from token_budget.worker.exitcodes import EPILOG, ExitCode, UsageParser
 from token_budget.worker.settings import Settings
 from token_budget.worker.urls import broker_user, redact_url
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = ["NoSuchAgent", "build_parser", "main"]
 
@@ -50,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--amqp-url", help="default: BUDGET_AMQP_URL or the worker's default")
     common.add_argument(
         "--database-url",
-        help="for list, history, reconcile, workers and group tree; default: BUDGET_DATABASE_URL "
-        "or the worker's default",
+        help="for list, history, reconcile, workers, watch and group tree; default: "
+        "BUDGET_DATABASE_URL or the worker's default",
     )
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     common.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -100,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every balance against its ledger; exit 3 on any difference",
     )
     sub.add_parser("workers", parents=[common], help="live workers and the partitions they hold")
+    watch = sub.add_parser("watch", parents=[common], help="the busiest agents, live, until Ctrl-C")
+    watch.add_argument("--top", type=_positive, default=10, help="agents shown (default 10)")
+    watch.add_argument(
+        "--interval", type=_seconds, default=2.0, help="seconds between refreshes (default 2)"
+    )
+    watch.add_argument(
+        "--by",
+        choices=("share", "recent"),
+        default="share",
+        help="share: most of the allocation used or reserved (default); recent: last changed",
+    )
+    watch.add_argument(
+        "--count", type=_positive, default=None, help="stop after N refreshes (default: never)"
+    )
     add_group_commands(sub, common, retry)
     return parser
 
@@ -111,17 +133,35 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Failures are reported once, below; not again by the AMQP libraries' logs.
     logging.getLogger().addHandler(logging.NullHandler())
+    # Tables for people; a pipe keeps the plain lines that scripts read.
+    args.table = not args.json and sys.stdout.isatty()
     settings = Settings()
     try:
-        lines, failed = asyncio.run(_run(args, settings))
-        for line in lines:
-            print(line)
+        output, failed = asyncio.run(_run(args, settings))
+        if isinstance(output, list):
+            for line in output:
+                print(line)
+        else:
+            from token_budget.worker.ctl_render import console
+
+            console().print(output)
         if failed:
             return _fail(failed, FAILURES[failed])
+    except KeyboardInterrupt:
+        if args.command != "watch":
+            raise
+        return ExitCode.OK  # how a watch ends
     except CommandRefused as error:
         return _fail(ExitCode.REFUSED, f"refused: {error.code}: {error.message}")
     except NoSuchAgent as error:
@@ -156,10 +196,14 @@ def _fail(code: ExitCode, message: str) -> int:
     return code
 
 
-async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str], ExitCode]:
-    """The lines to print, and the exit code of a command that ran but failed."""
+async def _run(
+    args: argparse.Namespace, settings: Settings
+) -> tuple["list[str] | Table", ExitCode]:
+    """The lines (or table) to print, and the exit code of a command that ran but failed."""
     if args.command == "group" and args.group_command == "tree":
         url = args.database_url or settings.database_url.get_secret_value()
+        if args.table:
+            return await tree_table(url, args.root), ExitCode.OK
         return await tree_lines(url, args.root, as_json=args.json), ExitCode.OK
     if args.command in _DATABASE_COMMANDS:
         from token_budget.worker.store import views
@@ -167,7 +211,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str],
         url = args.database_url or settings.database_url.get_secret_value()
         if args.command == "list":
             rows = await views.budgets_page(url, args.limit)
+            if args.table:
+                from token_budget.worker.ctl_render import agent_row, budget_table
+
+                return budget_table(map(agent_row, rows)), ExitCode.OK
             return [_row_line(row, args.json) for row in rows], ExitCode.OK
+        if args.command == "watch":
+            await _watch(args, url)
+            return [], ExitCode.OK
         if args.command == "history" and args.period:
             periods = await views.periods_of(url, args.agent)
             if periods is None:
@@ -190,7 +241,32 @@ async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[str],
     return await _broker(args, settings), ExitCode.OK
 
 
-_DATABASE_COMMANDS = frozenset({"list", "history", "reconcile", "workers"})
+_DATABASE_COMMANDS = frozenset({"list", "history", "reconcile", "workers", "watch"})
+
+
+async def _watch(args: argparse.Namespace, url: str) -> None:
+    """``watch``: a live table; with ``--json`` one line per refresh, ``{"agents": [...]}``
+    (each as ``list --json`` prints it)."""
+    from token_budget.worker import ctl_render
+    from token_budget.worker.store import views
+
+    if args.json:
+
+        async def line() -> None:
+            rows = await views.busiest(url, args.top, by=args.by)
+            shown = [json.loads(_row_line(row, as_json=True)) for row in rows]
+            print(json.dumps({"agents": shown}), flush=True)
+
+        await ctl_render.repeat(line, every=args.interval, count=args.count)
+        return
+
+    async def table() -> "Table":
+        rows = await views.busiest(url, args.top, by=args.by)
+        return ctl_render.watch_table(
+            map(ctl_render.agent_row, rows), by=args.by, every=args.interval, now=datetime.now(UTC)
+        )
+
+    await ctl_render.watch(table, ctl_render.console(), every=args.interval, count=args.count)
 
 
 def _entry_line(entry: Any, as_json: bool) -> str:
@@ -239,7 +315,7 @@ def _held_anywhere(view: Any) -> set[int]:
     return {p for member in view.members for p in view.held_by(member.worker_id)}
 
 
-async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
+async def _broker(args: argparse.Namespace, settings: Settings) -> "list[str] | Table":
     amqp_url = args.amqp_url or settings.amqp_url.get_secret_value()
     agent, tokens = getattr(args, "agent", ""), getattr(args, "tokens", 0)
     message_id = getattr(args, "message_id", None)
@@ -275,6 +351,14 @@ async def _broker(args: argparse.Namespace, settings: Settings) -> list[str]:
             ]
         else:
             view = await client.get_budget(agent)
+    if (
+        args.table
+        and args.command in ("show", "group")
+        and getattr(args, "group_command", "show") == "show"
+    ):
+        from token_budget.worker.ctl_render import budget_table, view_row
+
+        return budget_table([view_row(view)], name_header="group" if view.group_id else "agent")
     return [_view_line(view, args.json)]
 
 

@@ -1,16 +1,28 @@
 """``budgetctl group …``: group budgets by hand (``ctl.py`` runs them).
 
 ``create``, ``allocate``, ``move`` and ``show`` go through the broker like
-``ctl.py``'s commands; ``tree`` reads the database, read-only, as stored.
+``ctl.py``'s commands; ``tree`` reads the database, read-only, as stored
+(on a terminal, a table: ``ctl_render.py``).
 """
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from token_budget.client import BudgetClient, BudgetView
 
-__all__ = ["NoSuchGroup", "add_group_commands", "balances", "group_command", "tree_lines"]
+if TYPE_CHECKING:
+    from rich.table import Table
+
+__all__ = [
+    "NoSuchGroup",
+    "add_group_commands",
+    "balances",
+    "group_command",
+    "tree_entries",
+    "tree_lines",
+    "tree_table",
+]
 
 #: ``group move AGENT none``: out of every group.
 NO_GROUP = "none"
@@ -70,6 +82,23 @@ def balances(
 
 async def tree_lines(url: str, root: str | None, *, as_json: bool) -> list[str]:
     """Each group under its parent, its agents under it, indented by depth."""
+    return [
+        _group_line(row, as_json) if group else _agent_line(row, depth, as_json)
+        for depth, row, group in await tree_entries(url, root)
+    ]
+
+
+async def tree_table(url: str, root: str | None) -> "Table":
+    """``tree_lines`` for people: one aligned table, names indented by depth."""
+    from token_budget.worker.ctl_render import budget_table, tree_row
+
+    entries = await tree_entries(url, root)
+    rows = [tree_row(row, depth, group=group) for depth, row, group in entries]
+    return budget_table(rows, name_header="group / agent")
+
+
+async def tree_entries(url: str, root: str | None) -> list[tuple[int, dict[str, Any], bool]]:
+    """(depth, row, is a group) of each group under its parent, then its agents."""
     from token_budget.worker.store import views
 
     tree = await views.group_tree(url, root)
@@ -84,17 +113,17 @@ async def tree_lines(url: str, root: str | None, *, as_json: bool) -> list[str]:
     members: dict[str, list[dict[str, Any]]] = {}
     for agent in tree.agents:
         members.setdefault(agent["group_id"], []).append(agent)
-    lines: list[str] = []
+    entries: list[tuple[int, dict[str, Any], bool]] = []
 
     def walk(parent: str | None) -> None:
         for row in children.get(parent, []):
-            lines.append(_group_line(row, as_json))
+            entries.append((row["depth"], row, True))
             for agent in members.get(row["group_id"], []):
-                lines.append(_agent_line(agent, row["depth"] + 1, as_json))
+                entries.append((row["depth"] + 1, agent, False))
             walk(row["group_id"])
 
     walk(None)
-    return lines
+    return entries
 
 
 def _available(row: dict[str, Any]) -> int | None:

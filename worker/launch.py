@@ -20,6 +20,7 @@ _EXTRA_MODULES = {
     "alembic": "alembic",
     "structlog": "structlog",
     "pydantic_settings": "pydantic-settings",
+    "rich": "rich",
 }
 #: ``ExitCode.UNREACHABLE``, as when the broker or database is missing.
 MISSING_EXIT = 2

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import Float, cast, event, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -29,10 +29,12 @@ from token_budget.worker.store.leases import PoolView, pool_view
 from token_budget.worker.store.tables import agents, budgets, group_paths, groups
 
 __all__ = [
+    "BUSIEST_ORDERS",
     "GroupTree",
     "NoDatabase",
     "ViewError",
     "budgets_page",
+    "busiest",
     "group_tree",
     "ledger_of",
     "periods_of",
@@ -90,11 +92,50 @@ async def budgets_page(url: str, limit: int) -> list[dict[str, Any]]:
     )
     async with read_only_engine(url) as engine, engine.connect() as conn:
         rows = [dict(row) for row in (await conn.execute(query)).mappings()]
-    for row in rows:
-        for name in ("period_start", "resets_at"):
-            if row[name] is not None and row[name].tzinfo is None:
-                row[name] = row[name].replace(tzinfo=UTC)  # SQLite: naive, stored as UTC
-    return rows
+    return [_utc(row, "period_start", "resets_at") for row in rows]
+
+
+#: ``busiest``'s orders: ``share``, the most of their allocation held (used or
+#: reserved; an allocation of 0 counts as full); ``recent``, the latest change.
+BUSIEST_ORDERS = ("share", "recent")
+
+
+async def busiest(url: str, limit: int, by: str = "share") -> list[dict[str, Any]]:
+    """The ``limit`` agents with a budget first ``by`` one of ``BUSIEST_ORDERS``,
+    with ``budgets_page``'s columns and ``updated_at``; ties by agent id."""
+    held = budgets.c.used_tokens + budgets.c.reserved_tokens
+    share = func.coalesce(cast(held, Float) / func.nullif(budgets.c.allocated_tokens, 0), 1.0)
+    orders = {
+        "share": (share.desc(), held.desc()),
+        "recent": (budgets.c.updated_at.desc(),),
+    }
+    if by not in orders:
+        raise ValueError(f"order {by!r} is none of {', '.join(BUSIEST_ORDERS)}")
+    query = (
+        select(
+            budgets.c.agent_id,
+            budgets.c.allocated_tokens,
+            budgets.c.used_tokens,
+            budgets.c.reserved_tokens,
+            budgets.c.period,
+            budgets.c.timezone,
+            budgets.c.period_start,
+            budgets.c.resets_at,
+            budgets.c.updated_at,
+        )
+        .order_by(*orders[by], budgets.c.agent_id)
+        .limit(limit)
+    )
+    async with read_only_engine(url) as engine, engine.connect() as conn:
+        rows = [dict(row) for row in (await conn.execute(query)).mappings()]
+    return [_utc(row, "period_start", "resets_at", "updated_at") for row in rows]
+
+
+def _utc(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    for name in names:
+        if row[name] is not None and row[name].tzinfo is None:
+            row[name] = row[name].replace(tzinfo=UTC)  # SQLite: naive, stored as UTC
+    return row
 
 
 async def ledger_of(url: str, agent_id: str, limit: int | None) -> list[LedgerEntry] | None:

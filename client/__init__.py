@@ -24,11 +24,14 @@ from .errors import (
     ReservationClosedError,
     ReservationNotFoundError,
     UnauthorizedError,
+    UsageMissing,
+    UsageUnrecognized,
     WrongLaneError,
     refusal_for,
     refusal_from_wire,
 )
 from .reservations import Reservation, ReservationScope
+from .usage import Usage, usage_from
 
 __all__ = [
     "AgentNotFoundError",
@@ -57,8 +60,12 @@ __all__ = [
     "ReservationNotFoundError",
     "ReservationScope",
     "UnauthorizedError",
+    "Usage",
+    "UsageMissing",
+    "UsageUnrecognized",
     "WrongLaneError",
     "new_message_id",
     "refusal_for",
     "refusal_from_wire",
+    "usage_from",
 ]

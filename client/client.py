@@ -69,6 +69,7 @@ from .errors import (
 from .groups import GroupCommands
 from .probe import lane_consumers, timeout_error
 from .reservations import ReservationCommands
+from .usage import usage_from
 
 __all__ = ["BudgetClient", "ReplyQueue", "new_message_id"]
 
@@ -190,6 +191,18 @@ class BudgetClient(ReservationCommands, GroupCommands):
                 f"the broker did not confirm {message_id} within {self.timeout}s"
             ) from None
         return message_id
+
+    async def consume_usage(
+        self, agent_id: str, response: object, *, message_id: str | None = None
+    ) -> str | None:
+        """``consume`` what an LLM response says it used (``usage_from``): prompt
+        plus completion tokens. Raises ``UsageMissing`` before publishing anything
+        if the response carries no usage, rather than charge 0. A usage of 0
+        tokens has nothing to charge: None, and nothing is published."""
+        tokens = usage_from(response).tokens
+        if tokens == 0:
+            return None
+        return await self.consume(agent_id, tokens, message_id=message_id)
 
     async def consume_and_wait(
         self, agent_id: str, tokens: int, *, message_id: str | None = None

@@ -33,6 +33,8 @@ __all__ = [
     "ReservationClosedError",
     "ReservationNotFoundError",
     "UnauthorizedError",
+    "UsageMissing",
+    "UsageUnrecognized",
     "WrongLaneError",
     "refusal_for",
     "refusal_from_wire",
@@ -204,6 +206,20 @@ class InvalidReply(BudgetClientError):
     """A reply that is not the contract's JSON: a bug or a foreign publisher."""
 
     code = "invalid_reply"
+
+
+class UsageMissing(BudgetClientError):
+    """An LLM response that says nothing of its token usage (a stream without
+    ``include_usage``, a cut-off stream). Nothing was charged: count the call
+    some other way rather than book it as free."""
+
+    code = "usage_missing"
+
+
+class UsageUnrecognized(UsageMissing):
+    """An object that is no response of a library ``usage_from`` knows."""
+
+    code = "usage_unrecognized"
 
 
 _BY_CODE: dict[str, type[CommandRefused]] = {

@@ -2,13 +2,14 @@
 
     async with client.reservation("agent-7", max_tokens=2_000) as hold:
         response = await llm(prompt, max_tokens=2_000)
-        hold.used(response.usage.total_tokens)
+        hold.used_from(response)  # or hold.used(tokens)
 
 On a normal exit the hold is committed with the usage reported through
-``used()``, or with the whole hold if nothing was reported: a budget must
-never under-count, and an unreported call may have used it all. On an
-exception the hold is released, unless usage was reported before the
-exception, which then is committed: the tokens were spent either way.
+``used()`` or ``used_from()``, or with the whole hold if nothing was reported:
+a budget must never under-count, and an unreported call may have used it all.
+On an exception the hold is released, unless usage was reported before the
+exception, which then is committed: the tokens were spent either way (a
+response without usage reports the whole hold before ``used_from`` raises).
 Every command keeps its message_id across retries, so a timeout never
 applies anything twice.
 """
@@ -33,7 +34,8 @@ from token_budget.schemas import (
     SetThresholds,
 )
 
-from .errors import InvalidReply, RequestTimeout
+from .errors import InvalidReply, RequestTimeout, UsageMissing
+from .usage import Usage, usage_from
 
 __all__ = ["Reservation", "ReservationCommands", "ReservationScope"]
 
@@ -62,6 +64,21 @@ class Reservation:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"used tokens must be an integer >= 0, not {tokens!r}")
         self.reported = tokens
+
+    def used_from(self, response: object) -> Usage:
+        """Report what an LLM response says it used (``usage_from``) and return it.
+
+        A response without usage raises ``UsageMissing`` after reporting the
+        whole hold: the call was made, so even if the error leaves the ``async
+        with``, the hold is committed in full, never released as if unspent.
+        """
+        try:
+            usage = usage_from(response)
+        except UsageMissing:
+            self.used(self.tokens)
+            raise
+        self.used(usage.tokens)
+        return usage
 
 
 class ReservationCommands:

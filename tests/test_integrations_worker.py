@@ -111,6 +111,22 @@ async def test_the_litellm_callback_charges_a_call(
     await used(client, agent, reply.usage.total_tokens)
 
 
+async def test_the_litellm_callback_run_twice_for_one_call_charges_it_once(
+    client: BudgetClient, callbacks: list[object]
+) -> None:
+    agent = await funded(client, 1000)
+    callback = BudgetCallback(client, agent)
+    callbacks.append(callback)
+    reply = await litellm.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hi")
+    await used(client, agent, reply.usage.total_tokens)
+    # What LiteLLM passes for that call, once more (a retried or doubled callback).
+    again = {"litellm_call_id": reply._hidden_params["litellm_call_id"]}
+    await callback.async_log_success_event(again, reply, None, None)
+    await callback.async_log_success_event(again, reply, None, None)
+    await client.consume(agent, 1)  # behind the repeats on the agent's lane
+    await used(client, agent, reply.usage.total_tokens + 1)
+
+
 async def test_the_litellm_callback_charges_a_streamed_call_once_at_its_end(
     client: BudgetClient, callbacks: list[object]
 ) -> None:

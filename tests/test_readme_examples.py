@@ -22,7 +22,7 @@ def readme_python_blocks() -> list[str]:
 
 def test_every_python_block_in_the_readme_is_an_example_file_verbatim() -> None:
     files = {path.name: path.read_text() for path in EXAMPLES}
-    assert len(files) == 3, files.keys()
+    assert len(files) == 4, files.keys()
     blocks = readme_python_blocks()
     assert sorted(blocks) == sorted(files.values()), (
         "README.md's ```python blocks must be docs/examples/sdk_*.py, verbatim"
@@ -35,7 +35,9 @@ async def run_example(path: Path, amqp_url: str) -> tuple[int, str, str]:
         sys.executable,
         str(path),
         cwd=ROOT,
-        env={**os.environ, "BUDGET_AMQP_URL": amqp_url},
+        # LiteLLM would fetch its price list at import; offline it waits for
+        # retries first (the variable is LiteLLM's own).
+        env={**os.environ, "BUDGET_AMQP_URL": amqp_url, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -63,3 +65,12 @@ async def test_the_readme_example_runs_as_written(
 ) -> None:
     code, out, err = await run_example(ROOT / "docs" / "examples" / name, amqp_url)
     assert (code, out) == (0, expected), err
+
+
+async def test_the_llm_example_charges_both_calls_exactly(worker: Worker, amqp_url: str) -> None:
+    code, out, err = await run_example(ROOT / "docs" / "examples" / "sdk_llm.py", amqp_url)
+    assert code == 0, err
+    found = re.fullmatch(r"agent-10: used (\d+) = (\d+) \+ (\d+)\n", out)
+    assert found is not None, out
+    total, held, streamed = map(int, found.groups())
+    assert total == held + streamed and held > 0 and streamed > 0

@@ -229,7 +229,8 @@ def watch_table(rows: Iterable[Row], *, by: str, every: float, now: datetime) ->
     """``watch``'s view: the busiest agents ``by`` share or recent change, as of ``now``."""
     order = "most of their budget held" if by == "share" else "most recently changed"
     rows = list(rows)
-    title = f"top {len(rows)} agents, {order}" if rows else "no agent has a budget yet"
+    noun = "agent" if len(rows) == 1 else "agents"
+    title = f"top {len(rows)} {noun}, {order}" if rows else "no agent has a budget yet"
     caption = f"█ used ▒ reserved; {now:%H:%M:%S}, every {every:g}s; Ctrl-C to quit"
     return budget_table(rows, title=title, caption=caption, now=now, reserved=False)
 

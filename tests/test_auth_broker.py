@@ -18,6 +18,7 @@ import aio_pika
 import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from tests.amqp_helpers import Collector, command, connect, connection_name, open_amqp
@@ -211,6 +212,22 @@ async def test_agent_cannot_spend_another_agents_tokens(
     async with reader(database_url) as engine:
         assert (await balances(engine))[users.agent_b] == (100, 0)
         assert "steal-1" not in await processed_ids(engine)
+
+
+async def test_an_unauthorized_command_is_counted_as_such_in_the_metrics(
+    auth_worker: AuthWorker, rabbit: RabbitAdmin, vhost: str, users: Users
+) -> None:
+    # The in-process worker counts in this process's registry: compare before and after.
+    labels = {"type": "consume", "outcome": "unauthorized"}
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("budget_commands_total", labels) or 0.0
+
+    before = counted()
+    await fund(rabbit, vhost, users, 100)
+    async with session(rabbit, vhost, users.agent_a) as agent_a:
+        assert unauthorized(await agent_a.ask("consume", users.agent_b, 60))
+    await eventually(counted, within=10, what="counted", done=lambda n: n == before + 1)
 
 
 async def test_unauthorized_command_leaves_its_message_id_unused(

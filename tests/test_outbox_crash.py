@@ -124,11 +124,12 @@ async def test_workers_killed_mid_publication_lose_no_event(
     async with open_amqp(amqp_url) as amqp, reader(database_url) as engine:
         events = await amqp.bind_events("budget.threshold.#")
         await setup(amqp, agents)
-        publishing = asyncio.create_task(consume_rounds(amqp, agents, range(10)))
         # The first kill lands with events sent and none marked (the database
-        # refuses the marks meanwhile): waiting for the timing to fall there
-        # failed in CI, where the outbox had caught up at the moment of the kill.
+        # refuses the marks from before the first crossing): waiting for the
+        # timing to fall there failed in CI, where the outbox had caught up at
+        # the moment of the kill.
         async with marks_refused(engine):
+            publishing = asyncio.create_task(consume_rounds(amqp, agents, range(10)))
             await events.wait_count(30, within=60)
             current.kill()
             assert await unpublished(engine) >= 1

@@ -9,16 +9,14 @@ Holds expire as in ``test_periods_model``, on the agent's lane: before the
 agent's next command (or the sweeper's), never by a read of its group.
 """
 
-import asyncio
 import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any
 
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -26,14 +24,10 @@ from hypothesis.stateful import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.clock import Clock
-from tests.models import run_against
+from tests.models import DatabaseMachine, run_against
 from token_budget.schemas import ErrorCode, ErrorReply, OkReply, parse_command
 from token_budget.worker.domain.outcomes import Envelope, Outcome, OutcomeKind
-from token_budget.worker.store.audit import reconcile
-from token_budget.worker.store.db import create_engine
 from token_budget.worker.store.queries import CommittedReader
-from token_budget.worker.store.service import BudgetService
 
 T0 = datetime(2027, 6, 1, 12, 0, tzinfo=UTC)
 MAX_DEPTH = 3
@@ -132,15 +126,11 @@ def worlds(draw: st.DrawFn) -> tuple[list[tuple[int | None, int | None]], list[t
     return groups, agents
 
 
-class GroupsMachine(RuleBasedStateMachine):
-    database_url: ClassVar[str]
+class GroupsMachine(DatabaseMachine):
+    start_at = T0
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.engine: AsyncEngine = create_engine(self.database_url)
-        self.clock = Clock(T0)
-        self.service = BudgetService(self.engine, clock=self.clock)
         self.reader = CommittedReader(self.engine, clock=self.clock)
         self.prefix = uuid.uuid4().hex[:10]
         self.model = Model()
@@ -179,13 +169,6 @@ class GroupsMachine(RuleBasedStateMachine):
         assert available is not None
         assert error["available_tokens"] == available + (held if limit == agent else 0)
         return False
-
-    def teardown(self) -> None:
-        try:
-            assert self.loop.run_until_complete(reconcile(self.engine)) == []
-        finally:
-            self.loop.run_until_complete(self.engine.dispose())
-            self.loop.close()
 
     @initialize(world=worlds())
     def start(

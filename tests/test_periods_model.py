@@ -5,29 +5,24 @@ index (minutes, hours or days since the epoch, ISO weeks, months), and usage
 goes back to 0 whenever a command sees a later index than the last one.
 """
 
-import asyncio
 import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any
 
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     rule,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.clock import Clock
-from tests.models import run_against
+from tests.models import DatabaseMachine, run_against
 from token_budget.schemas import OkReply, parse_command
 from token_budget.worker.domain.outcomes import Envelope, OutcomeKind
-from token_budget.worker.store.audit import history, reconcile
-from token_budget.worker.store.db import create_engine
-from token_budget.worker.store.service import BudgetService
+from token_budget.worker.store.audit import history
 
 T0 = datetime(2027, 2, 28, 23, 58, tzinfo=UTC)
 PERIODS = ("minute", "hour", "day", "week", "month")
@@ -72,15 +67,11 @@ class Model:
                 self.used, self.resets = 0, self.resets + 1
 
 
-class PeriodsMachine(RuleBasedStateMachine):
-    database_url: ClassVar[str]
+class PeriodsMachine(DatabaseMachine):
+    start_at = T0
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.engine: AsyncEngine = create_engine(self.database_url)
-        self.clock = Clock(T0)
-        self.service = BudgetService(self.engine, clock=self.clock)
         self.agent = f"p-{uuid.uuid4().hex[:10]}"
         self.sent: list[Envelope] = []
 
@@ -92,14 +83,9 @@ class PeriodsMachine(RuleBasedStateMachine):
             self.sent.append(envelope)
         return outcome
 
-    def teardown(self) -> None:
-        try:
-            assert self.loop.run_until_complete(reconcile(self.engine)) == []
-            entries = self.loop.run_until_complete(history(self.engine, self.agent))
-            assert sum(e.kind == "reset" for e in entries) == self.model.resets
-        finally:
-            self.loop.run_until_complete(self.engine.dispose())
-            self.loop.close()
+    def check_books(self) -> None:
+        entries = self.loop.run_until_complete(history(self.engine, self.agent))
+        assert sum(e.kind == "reset" for e in entries) == self.model.resets
 
     @initialize(allocated=st.integers(1, 500))
     def start(self, allocated: int) -> None:

@@ -73,19 +73,22 @@ async def read_only_engine(url: str) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+#: The balance columns every listing shows.
+_BALANCE = (
+    budgets.c.allocated_tokens,
+    budgets.c.used_tokens,
+    budgets.c.reserved_tokens,
+    budgets.c.period,
+    budgets.c.timezone,
+    budgets.c.period_start,
+    budgets.c.resets_at,
+)
+
+
 async def budgets_page(url: str, limit: int) -> list[dict[str, Any]]:
     """Agents and their balances, by agent id."""
     query = (
-        select(
-            agents.c.agent_id,
-            budgets.c.allocated_tokens,
-            budgets.c.used_tokens,
-            budgets.c.reserved_tokens,
-            budgets.c.period,
-            budgets.c.timezone,
-            budgets.c.period_start,
-            budgets.c.resets_at,
-        )
+        select(agents.c.agent_id, *_BALANCE)
         .select_from(agents.outerjoin(budgets))
         .order_by(agents.c.agent_id)
         .limit(limit)
@@ -112,17 +115,7 @@ async def busiest(url: str, limit: int, by: str = "share") -> list[dict[str, Any
     if by not in orders:
         raise ValueError(f"order {by!r} is none of {', '.join(BUSIEST_ORDERS)}")
     query = (
-        select(
-            budgets.c.agent_id,
-            budgets.c.allocated_tokens,
-            budgets.c.used_tokens,
-            budgets.c.reserved_tokens,
-            budgets.c.period,
-            budgets.c.timezone,
-            budgets.c.period_start,
-            budgets.c.resets_at,
-            budgets.c.updated_at,
-        )
+        select(budgets.c.agent_id, *_BALANCE, budgets.c.updated_at)
         .order_by(*orders[by], budgets.c.agent_id)
         .limit(limit)
     )

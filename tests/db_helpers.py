@@ -16,6 +16,7 @@ from token_budget.worker.store.tables import budgets, ledger, processed_commands
 __all__ = [
     "assert_books_in_order_on_own_lanes",
     "balances",
+    "install_poison_trigger",
     "lane_blocked",
     "lanes_applied_on",
     "ledger_ids",
@@ -111,3 +112,28 @@ async def lane_blocked(database_url: str, agent: str) -> AsyncIterator[None]:
             yield
     finally:
         await engine.dispose()
+
+
+async def install_poison_trigger(engine: AsyncEngine) -> None:
+    """Make the database itself refuse any ledger row of agent 'poison'."""
+    async with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER poison BEFORE INSERT ON ledger WHEN NEW.agent_id = 'poison' "
+                    "BEGIN SELECT RAISE(ABORT, 'poison'); END"
+                )
+            )
+            return
+        await conn.execute(
+            text(
+                "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'poison'; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER poison BEFORE INSERT ON ledger FOR EACH ROW "
+                "WHEN (NEW.agent_id = 'poison') EXECUTE FUNCTION refuse_poison()"
+            )
+        )

@@ -14,12 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from tests.amqp_helpers import Outgoing, command, open_amqp, setup_agent
-from tests.db_helpers import lane_blocked, reader
+from tests.db_helpers import install_poison_trigger, lane_blocked, reader
 from tests.eventually import eventually
 from tests.private_services import PrivatePostgres, free_port
 from tests.processes import WorkerProcess
 from token_budget.schemas import DEAD_LETTER_QUEUE
 from token_budget.worker.metrics import NAMES
+from token_budget.worker.store.db import create_engine
 from token_budget.worker.store.tables import ledger, processed_commands
 
 pytestmark = pytest.mark.timeout(180)
@@ -219,3 +220,27 @@ async def test_a_lane_that_cannot_commit_shows_its_unapplied_deliveries(
             await eventually(unapplied, within=30, what="held", done=lambda n: n == 20)
         await eventually(unapplied, within=30, what="applied", done=lambda n: n == 0)
     assert commands(port)[("consume", "applied")] == 20
+
+
+async def test_a_command_the_database_rejects_is_counted_and_dead_lettered_by_code(
+    worker_process: Callable[..., WorkerProcess], amqp_url: str, database_url: str
+) -> None:
+    port = free_port()
+    worker = worker_process(metrics_port=port)
+    await worker.wait_ready()
+    async with open_amqp(amqp_url) as amqp:
+        await setup_agent(amqp, "poison", 100)
+        engine = create_engine(database_url)
+        try:
+            await install_poison_trigger(engine)  # any ledger row of 'poison' is refused
+        finally:
+            await engine.dispose()
+        await amqp.publish(Outgoing(command("consume", "poison", 5), "poison", message_id="p-1"))
+        counted = await counted_once_settled(port, 3)
+        assert await amqp.ready_count(DEAD_LETTER_QUEUE) == 1
+    assert counted == {
+        ("register_agent", "applied"): 1,
+        ("allocate", "applied"): 1,
+        ("consume", "rejected"): 1,
+    }
+    assert scrape(port)["budget_dead_letters_total"] == [({"code": "database_rejected"}, 1.0)]

@@ -17,6 +17,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.db_helpers import install_poison_trigger
 from token_budget.schemas import (
     MAX_BALANCE,
     MAX_TOKENS,
@@ -388,31 +389,6 @@ async def test_the_database_refuses_used_beyond_allocated(
                 text("UPDATE budgets SET used_tokens = allocated_tokens + 1 WHERE agent_id = 'a'")
             )
     assert await balance(engine, "a") == (10, 0, 1)
-
-
-async def install_poison_trigger(engine: AsyncEngine) -> None:
-    """Make the database itself refuse any ledger row of agent 'poison'."""
-    async with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
-            await conn.execute(
-                text(
-                    "CREATE TRIGGER poison BEFORE INSERT ON ledger WHEN NEW.agent_id = 'poison' "
-                    "BEGIN SELECT RAISE(ABORT, 'poison'); END"
-                )
-            )
-            return
-        await conn.execute(
-            text(
-                "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'poison'; END $$"
-            )
-        )
-        await conn.execute(
-            text(
-                "CREATE TRIGGER poison BEFORE INSERT ON ledger FOR EACH ROW "
-                "WHEN (NEW.agent_id = 'poison') EXECUTE FUNCTION refuse_poison()"
-            )
-        )
 
 
 async def test_a_command_the_database_refuses_is_isolated_from_its_batch(

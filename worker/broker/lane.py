@@ -23,21 +23,19 @@ from structlog.typing import FilteringBoundLogger
 
 from token_budget.client.connection import is_open
 from token_budget.schemas import (
-    COMMANDS_EXCHANGE,
-    QUERIES_QUEUE,
     ErrorCode,
     ErrorReply,
     LaneMap,
-    is_committed_query,
 )
 from token_budget.worker.backoff import Backoff, RetryPolicy, pause
 from token_budget.worker.broker.acks import Disposition, Settlement, settle, settle_failure
-from token_budget.worker.broker.auth import AuthPolicy, authorize, unauthorized_outcome
+from token_budget.worker.broker.admission import admit, refuse_unauthorized
+from token_budget.worker.broker.auth import AuthPolicy
 from token_budget.worker.broker.batch_log import log_batch
 from token_budget.worker.broker.batch_metrics import count_batch
 from token_budget.worker.broker.consumer import Delivery, consume
 from token_budget.worker.broker.decode import Invalid
-from token_budget.worker.broker.delivery import can_reply, decode_delivery, reply_body
+from token_budget.worker.broker.delivery import can_reply, reply_body
 from token_budget.worker.broker.publisher import DRAIN_MARKER, Publisher
 from token_budget.worker.broker.wire_guard import clean_text
 from token_budget.worker.domain.outcomes import (
@@ -259,7 +257,8 @@ class Lane:
         # An unauthorized command never reaches the database: nothing of it is
         # recorded, so nobody can burn another agent's message_id.
         refused = [
-            self._authorize(message, item) for message, item in zip(batch, decoded, strict=True)
+            refuse_unauthorized(message, item, self._config.auth, self._log)
+            for message, item in zip(batch, decoded, strict=True)
         ]
         envelopes = [
             item
@@ -369,50 +368,18 @@ class Lane:
         self._log.info("lane_drained", queue=self.queue_name)
 
     def _decode(self, message: Delivery) -> Envelope | Invalid:
-        queries_only = self._config.queries_only
-        item = decode_delivery(
-            message, max_body_bytes=self._config.max_body_bytes, routed_by_agent=not queries_only
+        config = self._config
+        item = admit(
+            message,
+            index=self.index,
+            max_body_bytes=config.max_body_bytes,
+            queries_only=config.queries_only,
+            lanes=config.lanes if self._draining is None else None,
+            log=self._log,
         )
-        if queries_only and isinstance(item, Envelope) and not is_committed_query(item.command):
-            return Invalid(
-                f"{QUERIES_QUEUE} answers only get_budget and get_available with "
-                f'"consistency": "committed"; publish {item.command.command_type.value} '
-                f"to {COMMANDS_EXCHANGE}"
-            )
-        lanes = self._config.lanes
-        if isinstance(item, Envelope) and lanes is not None and self._draining is None:
-            home = lanes.index_of(item.command.key)
-            if home != self.index:
-                # Applying it here could overtake the agent's commands queued
-                # on its own lane: never out of order, so never applied.
-                self.misrouted += 1
-                self._log.warning(
-                    "command_misrouted",
-                    agent=item.command.key,
-                    message_id=clean_text(message.message_id),
-                    home_lane=home,
-                )
-                return Invalid(
-                    f"agent {item.command.key!r} belongs to lane {home}, not lane "
-                    f"{self.index}: publish to budget.commands, never to a lane queue",
-                    code=ErrorCode.WRONG_LANE,
-                )
+        if isinstance(item, Invalid) and item.code is ErrorCode.WRONG_LANE:
+            self.misrouted += 1
         return item
-
-    def _authorize(self, message: Delivery, item: Envelope | Invalid) -> Outcome | None:
-        if not isinstance(item, Envelope):
-            return None
-        error = authorize(item.command, message.user_id, self._config.auth)
-        if error is None:
-            return None
-        self._log.warning(
-            "command_unauthorized",
-            message_id=clean_text(message.message_id),
-            user_id=clean_text(message.user_id),
-            agent=item.command.key,
-            type=item.command.command_type.value,
-        )
-        return unauthorized_outcome(error)
 
     async def _apply(self, envelopes: list[Envelope], work: _Batch) -> list[Outcome]:
         while True:

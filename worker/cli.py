@@ -92,9 +92,12 @@ def _endpoint(
     settings: Settings, registry: CollectorRegistry, health: Callable[[], HealthReport | None]
 ) -> Endpoint:
     assert settings.metrics_port is not None
-    stale_after = max(3 * settings.health_interval, 10.0)
     endpoint = Endpoint(
-        settings.metrics_host, settings.metrics_port, registry, health, stale_after=stale_after
+        settings.metrics_host,
+        settings.metrics_port,
+        registry,
+        health,
+        stale_after=settings.health_stale_after,
     ).start()
     get_logger().info("metrics_serving", host=settings.metrics_host, port=endpoint.port)
     return endpoint
@@ -114,7 +117,7 @@ async def _supervise(settings: Settings, processes: int) -> int:
     with tempfile.TemporaryDirectory(prefix="budget-metrics-") as directory:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        stale_after = max(3 * settings.health_interval, 10.0)
+        stale_after = settings.health_stale_after
         endpoint = _endpoint(
             settings, registry, lambda: children_health(registry, processes, stale_after)
         )

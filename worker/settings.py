@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     health_interval: float = Field(default=2.0, gt=0)
 
     @property
+    def health_stale_after(self) -> float:
+        """Seconds after which a health check no longer counts (``/healthz``: stuck)."""
+        return max(3 * self.health_interval, 10.0)
+
+    @property
     def retry(self) -> RetryPolicy:
         """The one backoff policy of every retry loop."""
         return RetryPolicy(self.retry_initial_seconds, self.retry_max_seconds)

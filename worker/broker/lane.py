@@ -186,7 +186,6 @@ class Lane:
             await channel.set_qos(prefetch_count=self._config.prefetch)
             underlay = await channel.get_underlay_channel()
             self._inbox = asyncio.Queue()
-            self._unapplied.set(0)
             if self._stopping:
                 return
             await consume(underlay, self.queue_name, self._arrived)
@@ -209,6 +208,7 @@ class Lane:
             # delivery at once, so the next consumer starts where we stopped.
             await _close(publisher.channel)
             await _close(channel)
+            # Every delivery not settled went back with the channel.
             self._unapplied.set(0)
 
     def _arrived(self, message: Delivery) -> None:
@@ -335,7 +335,6 @@ class Lane:
                 # later command of the same agent overtake.
                 await _close(work.publisher.channel)
                 await _close(work.channel)
-                self._unapplied.set(0)
                 raise _Requeued() from error
             case _:
                 assert_never(disposition)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import exc, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, exc, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from token_budget.schemas import (
@@ -190,22 +190,14 @@ class BudgetService:
         """
         query = select(
             outbox.c.id, outbox.c.event_id, outbox.c.routing_key, outbox.c.event_type, outbox.c.body
-        ).where(outbox.c.published_at.is_(None))
-        if partitions is not None:
-            query = query.where(
-                or_(outbox.c.partition.in_(sorted(partitions)), outbox.c.partition.is_(None))
-            )
+        ).where(_unpublished(partitions))
         async with self._engine.connect() as conn:
             rows = await conn.execute(query.order_by(outbox.c.id).limit(limit))
             return [PendingEvent(i, e, r, t, b.encode()) for i, e, r, t, b in rows]
 
     async def pending_count(self, partitions: Collection[int] | None) -> int:
         """How many events ``pending_events`` would return without a limit."""
-        query = select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
-        if partitions is not None:
-            query = query.where(
-                or_(outbox.c.partition.in_(sorted(partitions)), outbox.c.partition.is_(None))
-            )
+        query = select(func.count()).select_from(outbox).where(_unpublished(partitions))
         async with self._engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
@@ -281,3 +273,13 @@ def _rejected(error: exc.SQLAlchemyError) -> Outcome:
         )
     )
     return Outcome(OutcomeKind.REJECTED, error_reply, encode_reply(error_reply))
+
+
+def _unpublished(partitions: Collection[int] | None) -> ColumnElement[bool]:
+    """Outbox rows not yet published, of ``partitions`` (all if None); rows
+    recorded outside a pool (no partition) go with every partition."""
+    pending = outbox.c.published_at.is_(None)
+    if partitions is None:
+        return pending
+    mine = or_(outbox.c.partition.in_(sorted(partitions)), outbox.c.partition.is_(None))
+    return and_(pending, mine)

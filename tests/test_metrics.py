@@ -3,6 +3,8 @@
 
 import asyncio
 import json
+import os
+import signal
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -197,6 +199,29 @@ async def test_a_parent_of_two_processes_serves_their_sum(
         what="every partition held once",
         done=lambda held: held == [({}, 4.0)],
     )
+
+
+async def test_a_child_killed_after_its_work_leaves_its_counts_in_the_parents_sum(
+    worker_process: Callable[..., WorkerProcess], amqp_url: str
+) -> None:
+    port = free_port()
+    worker = worker_process(metrics_port=port, processes=2)
+    await worker.wait_ready()
+    _, body = await eventually(
+        lambda: health(port), within=60, what="both children healthy", done=lambda h: h[0] == 200
+    )
+    sent = await publish_workload(amqp_url)
+    assert await counted_once_settled(port, sent) == EXPECTED
+    killed = body["healthy_pids"][0]
+    os.kill(int(killed), signal.SIGKILL)
+    # The parent starts another child; the dead one's counters stay in the sum.
+    await eventually(
+        lambda: health(port),
+        within=60,
+        what="a new child healthy in its place",
+        done=lambda h: h[0] == 200 and killed not in h[1]["healthy_pids"],
+    )
+    assert commands(port) == EXPECTED
 
 
 async def test_a_lane_that_cannot_commit_shows_its_unapplied_deliveries(
